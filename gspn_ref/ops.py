@@ -1,0 +1,79 @@
+"""The operator ``gspn::scan`` (and ``gspn::scan_backward``), registered once with ``torch.library``.
+
+The reference is the default kernel for every device. Backends (``gspn_tvm``) add device kernels with
+``scan_op.register_kernel(device)(fn)`` and switch them with ``scan_op.set_kernel_enabled(device, on)``;
+callers of ``gspn_scan``, the ``GSPN`` layer, ``torch.compile`` and ``torch.export`` are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .scan import gspn_scan_backward_ref, gspn_scan_ref
+from .validation import validate_scan_args
+
+
+@torch.library.custom_op("gspn::scan", mutates_args=())
+def scan_op(x: Tensor, lam: Tensor, gl: Tensor, gm: Tensor, gr: Tensor, direction: str, chunk: int) -> Tensor:
+    """``h = gspn_scan(x, lam, gl, gm, gr, direction, chunk)``; shapes as in SPEC section 2."""
+    return gspn_scan_ref(x, lam, gl, gm, gr, direction, chunk)
+
+
+@torch.library.custom_op("gspn::scan_backward", mutates_args=())
+def scan_backward_op(
+    gh: Tensor, x: Tensor, lam: Tensor, gl: Tensor, gm: Tensor, gr: Tensor, h: Tensor, direction: str, chunk: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Adjoint scan: ``(dx, dlam, dgl, dgm, dgr)`` shaped like ``(x, lam, gl, gm, gr)``."""
+    return gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction, chunk)
+
+
+def _check_shapes(x, lam, gl, gm, gr):
+    torch._check(x.dim() == 4, lambda: f"x: expected 4-D (B, C, H, W); got {x.dim()}-D")
+    for name, t in (("lam", lam), ("gl", gl), ("gm", gm), ("gr", gr)):
+        torch._check(t.dim() == 4, lambda: f"{name}: expected 4-D; got {t.dim()}-D")
+        torch._check(t.dtype == x.dtype, lambda: f"{name}: expected dtype {x.dtype}; got {t.dtype}")
+    for d in range(4):
+        torch._check(lam.shape[d] == x.shape[d], lambda: f"lam: expected shape {tuple(x.shape)}; got {tuple(lam.shape)}")
+    for name, t in (("gl", gl), ("gm", gm), ("gr", gr)):
+        for d in (0, 2, 3):
+            torch._check(t.shape[d] == x.shape[d], lambda: f"{name}: expected (B, G, H, W) matching x; got {tuple(t.shape)}")
+        torch._check(t.shape[1] == gl.shape[1], lambda: f"{name}: expected G = {gl.shape[1]}; got {t.shape[1]}")
+    torch._check(x.shape[1] % gl.shape[1] == 0, lambda: f"gl: G = {gl.shape[1]} must divide C = {x.shape[1]}")
+
+
+@scan_op.register_fake
+def _scan_fake(x, lam, gl, gm, gr, direction, chunk):
+    _check_shapes(x, lam, gl, gm, gr)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@scan_backward_op.register_fake
+def _scan_backward_fake(gh, x, lam, gl, gm, gr, h, direction, chunk):
+    _check_shapes(x, lam, gl, gm, gr)
+    torch._check(gh.shape == x.shape, lambda: f"gh: expected shape {tuple(x.shape)}; got {tuple(gh.shape)}")
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, lam, gl, gm, gr))
+
+
+def _setup_context(ctx, inputs, output):
+    x, lam, gl, gm, gr, direction, chunk = inputs
+    ctx.save_for_backward(x, lam, gl, gm, gr, output)
+    ctx.direction, ctx.chunk = direction, chunk
+
+
+def _backward(ctx, gh):
+    x, lam, gl, gm, gr, h = ctx.saved_tensors
+    grads = torch.ops.gspn.scan_backward(gh.contiguous(), x, lam, gl, gm, gr, h, ctx.direction, ctx.chunk)
+    return (*grads, None, None)
+
+
+scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gspn_scan(x, lam, gl, gm, gr, direction: str = "t2b", chunk: int = 0) -> Tensor:
+    """Validated entry point to ``torch.ops.gspn.scan``; same contract as :func:`gspn_scan_ref`.
+
+    Runs whichever kernel is registered for the device (the reference unless a backend is enabled).
+    """
+    validate_scan_args(x, lam, gl, gm, gr, direction, chunk)
+    return torch.ops.gspn.scan(x, lam, gl, gm, gr, direction, chunk)
