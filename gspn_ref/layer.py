@@ -99,7 +99,8 @@ class GSPN(nn.Module):
             per_direction.append((lam, gl, gm, gr, gate, skip))
         return u, per_direction
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def aggregate(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = sum_k alpha_k * (scan_k(u) * gate_k + u * skip_k)``: ``(B, d_inner, H, W)``."""
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"x: expected shape (B, {self.dim}, H, W); got {tuple(x.shape)}")
         u, per_direction = self.propagation_inputs(x)
@@ -107,7 +108,10 @@ class GSPN(nn.Module):
         for k, (direction, (lam, gl, gm, gr, gate, skip)) in enumerate(zip(self.directions, per_direction)):
             y_k = gspn_scan(u, lam, gl, gm, gr, direction, self.chunk) * gate + u * skip
             y = self.alpha[k] * y_k if y is None else y + self.alpha[k] * y_k
-        return self.out_proj(self.grn(self.norm(y)))
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.grn(self.norm(self.aggregate(x))))
 
 
 @torch.no_grad()
@@ -115,7 +119,7 @@ def layer_affinity(layer: GSPN, x: torch.Tensor, channel: int, per_direction: bo
     """Aggregated affinity of ``layer`` for one inner channel at input ``x``: ``(B, H*W, H*W)`` float64.
 
     Row ``n`` holds the weight of every position of ``u`` (the propagated features) in the
-    aggregated output ``y`` at position ``n``: ``sum_k alpha_k * (gate_k * A_k + diag(skip_k))``.
+    aggregated output ``y = layer.aggregate(x)`` at position ``n``: ``sum_k alpha_k * (gate_k * A_k + diag(skip_k))``.
     With ``per_direction=True`` also returns the list of ``A_k`` for that channel.
     """
     if not 0 <= channel < layer.d_inner:
