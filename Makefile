@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both create or refresh .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.gspn-installed
+# CPU build of torch: an unpinned torch would pull a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+export HYPOTHESIS_PROFILE ?= ci
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/gspn demo --out out
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(VENV)/bin/gspn bench --json out/bench.json
+
+clean:
+	rm -rf out build .pytest_cache .hypothesis

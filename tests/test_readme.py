@@ -1,0 +1,18 @@
+"""The README's usage snippet runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_usage_snippet_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README.md has no python snippet"
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
+
+
+def test_readme_shows_the_two_commands():
+    text = README.read_text()
+    assert "make demo" in text and "make test" in text
