@@ -16,3 +16,13 @@ def test_readme_usage_snippet_runs():
 def test_readme_shows_the_two_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_quickstart_example_runs():
+    import subprocess
+    import sys
+
+    script = README.parent / "examples" / "quickstart.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "scan vs reference max |diff|: 0.0" in result.stdout
