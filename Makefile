@@ -7,9 +7,14 @@ STAMP  := $(VENV)/.gspn-installed
 TORCH  := torch==2.13.0
 export HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: setup demo test bench clean
+.PHONY: setup ortops demo test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) ortops
+
+# The ONNX Runtime custom-operator library, built from source (headers fetched into build/).
+ortops: $(STAMP)
+	bash scripts/fetch_ort_headers.sh
+	$(PY) -m export.build
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

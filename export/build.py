@@ -1,0 +1,216 @@
+"""Build the ONNX Runtime custom-operator library (``libgspn_ortops.so``) from its C++ sources.
+
+    python -m export.build [--force] [--cpp-host]
+
+The build needs ONNX Runtime's C/C++ API headers (version 1.21 or newer): ``ORT_INCLUDE_DIR`` if
+set, else ``build/ort-headers`` as filled by ``scripts/fetch_ort_headers.sh``. The library links
+against nothing from ONNX Runtime; it receives the API table when a session loads it. It is
+rebuilt only when a source file, the compiler command or the compiler changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_DIR = Path(__file__).resolve().parent / "ortops"
+BUILD_DIR = REPO_ROOT / "build" / "ortops"
+LIBRARY_NAME = "libgspn_ortops.so"
+FETCHED_HEADERS = REPO_ROOT / "build" / "ort-headers"
+HEADER = "onnxruntime_cxx_api.h"
+
+
+class BuildError(RuntimeError):
+    """The custom-operator library could not be built."""
+
+
+def find_ort_include_dir() -> Path:
+    """The directory holding ``onnxruntime_cxx_api.h``; raises BuildError saying how to get one."""
+    configured = os.environ.get("ORT_INCLUDE_DIR")
+    if configured:
+        path = Path(configured)
+        if (path / HEADER).is_file():
+            return path
+        raise BuildError(
+            f"ORT_INCLUDE_DIR={configured} does not contain {HEADER}. Point it at the include/ "
+            "folder of an ONNX Runtime release (API 1.21 or newer), or unset it and run "
+            "`bash scripts/fetch_ort_headers.sh`."
+        )
+    for header in sorted(FETCHED_HEADERS.rglob(HEADER)) if FETCHED_HEADERS.is_dir() else []:
+        return header.parent
+    raise BuildError(
+        f"ONNX Runtime C/C++ API headers not found ({HEADER}). Run "
+        "`bash scripts/fetch_ort_headers.sh` (downloads Debian's libonnxruntime-dev into "
+        f"{FETCHED_HEADERS} without installing anything), or set ORT_INCLUDE_DIR to the include/ "
+        "folder of an ONNX Runtime release."
+    )
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _arch_flags() -> list[str]:
+    """x86-64-v3 (AVX2, FMA, F16C) where this CPU has it, else a conservative baseline.
+
+    The library is built on the machine that runs it (the setup step), so this is safe; it is not
+    -march=native, so a build directory copied to a same-family machine still loads.
+    """
+    if os.uname().machine not in ("x86_64", "amd64"):
+        return []
+    flags = _cpu_flags()
+    if {"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags:
+        return ["-march=x86-64-v3"]
+    if {"sse4_2", "popcnt", "ssse3"} <= flags:
+        return ["-march=x86-64-v2"]
+    return []
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise BuildError(f"C++ compiler {compiler!r} not found; install g++ or set CXX.")
+    return compiler
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cc", ".h"))
+
+
+def _command(compiler: str, include_dir: Path, output: Path) -> list[str]:
+    return [
+        compiler, "-std=c++17", "-O3", *_arch_flags(), "-fPIC", "-shared",
+        "-fvisibility=hidden", "-Wall", "-Wextra",
+        f"-I{include_dir}",
+        *(str(p) for p in _sources() if p.suffix == ".cc"),
+        "-o", str(output),
+    ]  # fmt: skip
+
+
+def _fingerprint(command: list[str], compiler: str) -> str:
+    digest = hashlib.sha256()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    digest.update(version.encode())
+    digest.update("\0".join(command).encode())
+    for source in _sources():
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    include_dir = Path(command[[c.startswith("-I") for c in command].index(True)][2:])
+    for header in sorted(include_dir.glob("onnxruntime_*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()
+
+
+def built_library_path() -> Path:
+    """Where the library is (or will be) built."""
+    return BUILD_DIR / LIBRARY_NAME
+
+
+def build_library(force: bool = False, verbose: bool = False) -> Path:
+    """Compile the library if its sources changed (or ``force``); returns its path."""
+    compiler = _compiler()
+    include_dir = find_ort_include_dir()
+    library = built_library_path()
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = BUILD_DIR / (LIBRARY_NAME + ".fingerprint")
+    with open(BUILD_DIR / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers build once
+        command = _command(compiler, include_dir, library)
+        fingerprint = _fingerprint(command, compiler)
+        if (
+            not force
+            and library.is_file()
+            and stamp.is_file()
+            and stamp.read_text().strip() == fingerprint
+        ):
+            return library
+        with tempfile.NamedTemporaryFile(dir=BUILD_DIR, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        try:
+            command = _command(compiler, include_dir, partial)
+            if verbose:
+                print(" ".join(command), flush=True)
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise BuildError(
+                    f"compiling the ONNX Runtime custom-op library failed:\n{' '.join(command)}\n"
+                    f"{result.stdout}{result.stderr}"
+                )
+            os.replace(partial, library)  # atomic: a loader never sees a half-written file
+        finally:
+            partial.unlink(missing_ok=True)
+        stamp.write_text(fingerprint + "\n")
+    return library
+
+
+CPP_HOST_SOURCE_DIR = REPO_ROOT / "examples" / "cpp"
+CPP_HOST_BUILD_DIR = REPO_ROOT / "build" / "cpp_host"
+
+
+def onnxruntime_shared_library() -> Path:
+    """The ``libonnxruntime.so.*`` inside the installed onnxruntime wheel."""
+    import onnxruntime
+
+    capi = Path(onnxruntime.__file__).resolve().parent / "capi"
+    candidates = sorted(capi.glob("libonnxruntime.so*"))
+    if not candidates:
+        raise BuildError(f"no libonnxruntime.so* in {capi}; is the onnxruntime wheel installed?")
+    return candidates[-1]
+
+
+def build_cpp_host() -> Path:
+    """Configure and build ``examples/cpp`` with CMake (incremental); returns the executable."""
+    if shutil.which("cmake") is None:
+        raise BuildError("cmake not found; install cmake to build the C++ host example")
+    include_dir = find_ort_include_dir()
+    runtime = onnxruntime_shared_library()
+    CPP_HOST_BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CPP_HOST_BUILD_DIR / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        steps = [
+            ["cmake", "-S", str(CPP_HOST_SOURCE_DIR), "-B", str(CPP_HOST_BUILD_DIR),
+             "-DCMAKE_BUILD_TYPE=Release", f"-DORT_INCLUDE_DIR={include_dir}",
+             f"-DORT_LIBRARY={runtime}"],
+            ["cmake", "--build", str(CPP_HOST_BUILD_DIR)],
+        ]  # fmt: skip
+        for step in steps:
+            result = subprocess.run(step, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise BuildError(
+                    f"building the C++ host failed:\n{' '.join(step)}\n{result.stdout}{result.stderr}"
+                )
+    return CPP_HOST_BUILD_DIR / "gspn_onnx_run"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--cpp-host", action="store_true", help="also build examples/cpp")
+    args = parser.parse_args(argv)
+    try:
+        print(build_library(force=args.force, verbose=True))
+        if args.cpp_host:
+            print(build_cpp_host())
+    except BuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

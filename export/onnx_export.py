@@ -1,0 +1,167 @@
+"""torch -> ONNX for models that use ``gspn::scan``.
+
+The translation of ``torch.ops.gspn.scan`` emits one ``gspn::GSPNScan`` node per scan. The
+portable forms are derived from that graph by ``export.portable.make_portable``, so the custom and
+the portable model of one export have the same nodes around the scans.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxscript
+import torch
+from onnx import TensorProto, helper
+
+from .portable import make_portable
+from .schema import DOMAIN, INPUT_NAMES, OP_TYPE, OP_VERSION, register_onnx_schema
+
+MODES = ("custom", "portable", "portable-unrolled")
+DEFAULT_OPSET = 20
+
+_GSPN_OPSET = onnxscript.values.Opset(DOMAIN, OP_VERSION)
+
+
+def _translate_scan(x, lam, gl, gm, gr, direction: str, chunk: int = 0):
+    """onnxscript translation of ``torch.ops.gspn.scan``: one GSPNScan node."""
+    return _GSPN_OPSET.GSPNScan(x, lam, gl, gm, gr, direction=direction, chunk=chunk)
+
+
+def _dynamic_shapes(example_args: tuple) -> tuple:
+    """Batch and, for 4-D NCHW tensors, height and width are dynamic; channels stay static."""
+    dynamic = torch.export.Dim.DYNAMIC
+    specs = []
+    for arg in example_args:
+        if isinstance(arg, torch.Tensor) and arg.dim() == 4:
+            specs.append({0: dynamic, 2: dynamic, 3: dynamic})
+        elif isinstance(arg, torch.Tensor) and arg.dim() >= 1:
+            specs.append({0: dynamic})
+        else:
+            specs.append(None)
+    return tuple(specs)
+
+
+def _rename_symbolic_dims(model: onnx.ModelProto) -> None:
+    """Give the exporter's symbols (s0, s53, ...) readable names taken from the graph inputs."""
+    names: dict[str, str] = {}
+    for index, value in enumerate(model.graph.input):
+        suffix = "" if index == 0 else f"_{index}"
+        dims = value.type.tensor_type.shape.dim
+        labels = ["batch", "channels", "height", "width"] if len(dims) == 4 else ["batch"]
+        for dim, label in zip(dims, labels):
+            if dim.dim_param and re.fullmatch(r"s\d+", dim.dim_param) and dim.dim_param not in names:
+                names[dim.dim_param] = label + suffix
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    graph = model.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
+
+
+def to_onnx(
+    model: torch.nn.Module,
+    example_args: Any,
+    path: str | os.PathLike,
+    *,
+    mode: str = "custom",
+    dynamic: bool = True,
+    opset: int | None = None,
+) -> onnx.ModelProto:
+    """Export ``model(*example_args)`` to the ONNX file ``path``; returns the saved ModelProto.
+
+    ``mode``: ``"custom"`` (one ``gspn::GSPNScan`` node per scan; run it with
+    ``export.session``), ``"portable"`` (standard operators only, a ``Scan`` loop over lines; any
+    ONNX runtime), or ``"portable-unrolled"`` (standard operators, no control flow; needs
+    ``dynamic=False``). ``dynamic``: batch size and the height and width of 4-D inputs are
+    symbolic (example sizes of at least 2 avoid torch specializing a size-1 dimension).
+    ``opset``: default ONNX opset (default 20, at least 18).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}; got {mode!r}")
+    if mode == "portable-unrolled" and dynamic:
+        raise ValueError("mode='portable-unrolled' fixes the number of lines: pass dynamic=False")
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if opset < 18:
+        raise ValueError(f"opset: expected >= 18; got {opset}")
+    register_onnx_schema()
+    args = example_args if isinstance(example_args, tuple) else (example_args,)
+    program = torch.onnx.export(
+        model,
+        args,
+        dynamo=True,
+        custom_translation_table={torch.ops.gspn.scan.default: _translate_scan},
+        dynamic_shapes=_dynamic_shapes(args) if dynamic else None,
+        opset_version=opset,
+        optimize=True,
+        verbose=False,
+    )
+    proto = program.model_proto
+    _rename_symbolic_dims(proto)
+    if mode != "custom":
+        proto = make_portable(proto, unroll=mode == "portable-unrolled")
+    onnx.checker.check_model(proto, full_check=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, os.fspath(path))
+    return proto
+
+
+def _onnx_elem_type(dtype) -> int:
+    name = str(dtype).replace("torch.", "")
+    try:
+        return {"float32": TensorProto.FLOAT, "float": TensorProto.FLOAT,
+                "float16": TensorProto.FLOAT16, "half": TensorProto.FLOAT16}[name]  # fmt: skip
+    except KeyError:
+        raise ValueError(f"dtype: expected float32 or float16; got {dtype!r}") from None
+
+
+def scan_model(
+    direction: str,
+    chunk: int = 0,
+    dtype: Any = "float32",
+    *,
+    mode: str = "custom",
+    shape: tuple[int, int, int, int, int] | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """A model of one scan: inputs ``x, lam`` (B, C, H, W), ``gl, gm, gr`` (B, G, H, W); output h.
+
+    ``shape=(B, C, G, H, W)`` fixes the sizes; by default they are symbolic. ``mode`` as in
+    :func:`to_onnx`. Used by tests and benchmarks to run the operator alone.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}; got {mode!r}")
+    register_onnx_schema()
+    elem = _onnx_elem_type(dtype)
+    B, C, G, H, W = shape if shape is not None else ("B", "C", "G", "H", "W")
+    data_shape, weight_shape = [B, C, H, W], [B, G, H, W]
+    inputs = [
+        helper.make_tensor_value_info(name, elem, data_shape if name in ("x", "lam") else weight_shape)
+        for name in INPUT_NAMES
+    ]
+    node = helper.make_node(OP_TYPE, list(INPUT_NAMES), ["h"], name="scan", domain=DOMAIN,
+                            direction=direction, chunk=int(chunk))  # fmt: skip
+    graph = helper.make_graph([node], f"gspn_scan_{direction}",
+                              inputs, [helper.make_tensor_value_info("h", elem, data_shape)])  # fmt: skip
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
+        producer_name="gspn.export",
+    )
+    if mode != "custom":
+        model = make_portable(model, unroll=mode == "portable-unrolled")
+    return model
+
+
+def scan_feeds(x, lam, gl, gm, gr) -> dict[str, np.ndarray]:
+    """Input feed of a :func:`scan_model` session from torch tensors or arrays."""
+    values = (x, lam, gl, gm, gr)
+    to_numpy = lambda t: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return {name: np.ascontiguousarray(to_numpy(t)) for name, t in zip(INPUT_NAMES, values)}

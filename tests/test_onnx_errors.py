@@ -1,0 +1,178 @@
+"""Malformed inputs and models give ONNX Runtime errors naming the problem, never a crash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import export
+from helpers import make_scan_inputs
+
+ORT_ERRORS = Exception  # onnxruntime raises its own exception classes, all plain Exceptions
+
+
+def feeds_for(B=2, C=4, G=2, H=5, W=6, dtype=torch.float32):
+    return export.scan_feeds(*make_scan_inputs(B, C, G, H, W, dtype))
+
+
+def with_attributes(model: onnx.ModelProto, **attributes) -> onnx.ModelProto:
+    """A copy of a scan_model with the node's attributes replaced (None removes one)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name not in attributes]
+    node.ClearField("attribute")
+    node.attribute.extend(kept)
+    for name, value in attributes.items():
+        if value is not None:
+            node.attribute.append(onnx.helper.make_attribute(name, value))
+    return model
+
+
+def bad_feeds():
+    """(what, feeds, words the error message must contain)."""
+    good = feeds_for()
+    cases = []
+
+    def case(what, words, **changes):
+        cases.append(pytest.param({**good, **changes}, words, id=what))
+
+    case("x-rank-3", ["'x'", "4-D", "rank 3"], x=good["x"][0])
+    case("lam-shape", ["'lam'", "(2, 4, 5, 6)", "(2, 4, 5, 7)"], lam=np.zeros((2, 4, 5, 7), np.float32))
+    case("gl-batch", ["'gl'", "(3, 2, 5, 6)"], gl=np.zeros((3, 2, 5, 6), np.float32))
+    case("gl-height", ["'gl'", "(2, 2, 4, 6)"], gl=np.zeros((2, 2, 4, 6), np.float32))
+    case("groups-not-dividing",  ["G = 3", "C = 4"],
+         **{k: np.zeros((2, 3, 5, 6), np.float32) for k in ("gl", "gm", "gr")})  # fmt: skip
+    case("gm-shape", ["'gm'", "(2, 1, 5, 6)"], gm=np.zeros((2, 1, 5, 6), np.float32))
+    case("gr-rank-5", ["'gr'", "rank 5"], gr=np.zeros((2, 2, 5, 6, 1), np.float32))
+    empty = {k: v[:0] for k, v in good.items()}
+    cases.append(pytest.param(empty, ["'x'", "empty", "(0, 4, 5, 6)"], id="empty"))
+    return cases
+
+
+def without_input_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its graph inputs' shapes erased, so that only the kernel checks them."""
+    for value in model.graph.input:
+        value.type.tensor_type.ClearField("shape")
+    return model
+
+
+@pytest.fixture(scope="module")
+def t2b_session():
+    return export.session(without_input_shapes(export.scan_model("t2b", 0)))
+
+
+def test_declared_ranks_are_checked_by_onnxruntime_too():
+    with pytest.raises(ORT_ERRORS, match="rank"):
+        export.session(export.scan_model("t2b", 0)).run(None, {**feeds_for(), "x": feeds_for()["x"][0]})
+
+
+@pytest.mark.parametrize("feeds, words", bad_feeds())
+def test_bad_inputs_at_run_time_are_errors_naming_the_argument(t2b_session, feeds, words):
+    with pytest.raises(ORT_ERRORS) as info:
+        t2b_session.run(None, feeds)
+    message = str(info.value)
+    assert "GSPNScan" in message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_session_still_works_after_errors(t2b_session):
+    for _ in range(2):
+        with pytest.raises(ORT_ERRORS):
+            t2b_session.run(None, {**feeds_for(), "lam": np.zeros((1, 1, 1, 1), np.float32)})
+    out = t2b_session.run(None, feeds_for())[0]
+    assert out.shape == (2, 4, 5, 6) and np.isfinite(out).all()
+
+
+def test_mixed_element_types_are_rejected():
+    session = export.session(without_input_shapes(export.scan_model("l2r", 0)))
+    with pytest.raises(ORT_ERRORS, match="data type"):
+        session.run(None, {**feeds_for(), "lam": feeds_for()["lam"].astype(np.float16)})
+    # A model whose declared input types differ is refused when the session is created.
+    model = export.scan_model("l2r", 0)
+    model.graph.input[1].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    with pytest.raises(ORT_ERRORS):
+        export.session(model)
+
+
+@pytest.mark.parametrize(
+    "attributes, words",
+    [
+        ({"direction": "up"}, ["'direction'", "t2b", "'up'"]),
+        ({"direction": None}, ["'direction'", "required"]),
+        ({"chunk": -2}, ["'chunk'", ">= 0", "-2"]),
+        ({"chunk": 1.5}, ["'chunk'", "int"]),
+    ],
+    ids=["unknown-direction", "missing-direction", "negative-chunk", "float-chunk"],
+)
+def test_bad_attributes_are_errors(attributes, words):
+    model = with_attributes(export.scan_model("t2b", 0), **attributes)
+    with pytest.raises(ORT_ERRORS) as info:
+        session = export.session(model)
+        session.run(None, feeds_for())
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("attributes", [{"direction": "up"}, {"chunk": -1}])
+def test_portable_conversion_rejects_bad_attributes(attributes):
+    with pytest.raises(ValueError, match="direction|chunk"):
+        export.make_portable(with_attributes(export.scan_model("t2b", 0), **attributes))
+
+
+def test_missing_input_is_an_error():
+    model = export.scan_model("b2t", 0)
+    del model.graph.node[0].input[4]
+    del model.graph.input[4]
+    with pytest.raises(ORT_ERRORS):
+        export.session(model)
+
+
+def test_bad_runs_do_not_crash_the_process(tmp_path):
+    # Every malformed run again, in a child process: it must end normally (a crash or an
+    # out-of-bounds access would kill it with a signal).
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.path[:0] = [{tests!r}, {root!r}]
+        import numpy as np, torch, export
+        from helpers import make_scan_inputs
+        good = export.scan_feeds(*make_scan_inputs(2, 4, 2, 5, 6, torch.float32))
+        bad = [dict(good, x=good["x"][0]), dict(good, lam=np.zeros((2, 4, 5, 7), np.float32)),
+               dict(good, gl=np.zeros((2, 3, 5, 6), np.float32), gm=np.zeros((2, 3, 5, 6), np.float32),
+                    gr=np.zeros((2, 3, 5, 6), np.float32)),
+               {{k: v[:, :, :0] for k, v in good.items()}}, dict(good, gr=np.zeros((2, 2, 5, 6, 1), np.float32))]
+        errors = 0
+        for direction in ("t2b", "b2t", "l2r", "r2l"):
+            model = export.scan_model(direction, 2)
+            for value in model.graph.input:
+                value.type.tensor_type.ClearField("shape")
+            session = export.session(model)
+            for feeds in bad:
+                try:
+                    session.run(None, feeds)
+                except Exception:
+                    errors += 1
+        print("errors", errors)
+        """
+    ).format(tests=str(Path(__file__).parent), root=str(Path(__file__).parent.parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "errors 20" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_missing_headers_fail_with_instructions(tmp_path, monkeypatch):
+    from export import build
+
+    monkeypatch.setenv("ORT_INCLUDE_DIR", str(tmp_path))
+    with pytest.raises(build.BuildError, match="fetch_ort_headers.sh"):
+        build.find_ort_include_dir()
