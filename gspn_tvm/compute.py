@@ -1,0 +1,278 @@
+"""TensorIR compute definitions of the GSPN scan (SPEC section 2) and its adjoint (section 4).
+
+These functions say *what* is computed, not how: no thread bindings, no vectorization, no memory
+scopes (those belong to ``gspn_tvm.schedules``). Every shape is symbolic (``B, C, G, H, W`` are
+run-time variables), so one compiled function serves every shape.
+
+Directions are index mappings, never copies: the direction chooses at definition time whether a line
+is a row (``t2b``/``b2t``) or a column (``l2r``/``r2l``) and in which order lines are visited (the
+order stays affine in the scan step, so schedules can stage tiles of lines); ``chunk`` (a run-time
+int32 >= 0) restarts propagation every ``chunk`` lines.
+
+The propagated state is kept in float32 line buffers with a zero halo at both ends, so that the
+neighbours ``p - 1`` and ``p + 1`` of a line are read without bounds tests. Where a term must vanish
+(at a segment start, or past the last line) the kernel reads a row of the buffer that is always zero
+instead of selecting around a load: no data-dependent branch in the position loop, and no NaN leaks
+from a previous segment. Each block reads and writes disjoint buffers (a ``step`` block computes the
+new line into ``current``, a ``carry`` block copies it into the haloed ``state``), so schedules may
+parallelize and bind the position loop of every block.
+"""
+
+from __future__ import annotations
+
+from gspn_ref.directions import DIRECTIONS, is_column, is_reversed
+from tvm.script import tirx as T
+
+ACCUMULATION_DTYPE = "float32"
+
+
+def forward_name(direction: str) -> str:
+    """Symbol of the compiled forward scan for ``direction``."""
+    return f"gspn_scan_forward_{direction}"
+
+
+def backward_name(direction: str) -> str:
+    """Symbol of the compiled adjoint scan for ``direction``."""
+    return f"gspn_scan_backward_{direction}"
+
+
+def _line_geometry(direction: str, H, W):
+    """``(n_lines, line_length)``: ``(H, W)`` when a line is a row, ``(W, H)`` when it is a column."""
+    return (W, H) if is_column(direction) else (H, W)
+
+
+def _element(direction: str, line, pos):
+    """``(i, j)`` of position ``pos`` on line ``line`` in the original ``(H, W)`` frame."""
+    return (pos, line) if is_column(direction) else (line, pos)
+
+
+def _line_of_step(direction: str, s, n_lines):
+    """Original index of the ``s``-th line in scan order."""
+    return n_lines - 1 - s if is_reversed(direction) else s
+
+
+def _starts_segment(s, chunk):
+    """True when scan step ``s`` starts a propagation segment (``R(s) = 0``)."""
+    return T.Or(s == 0, T.And(chunk > 0, T.floormod(s, T.max(chunk, 1)) == 0))
+
+
+def scan_forward(direction: str, dtype: str):
+    """Forward scan ``h = scan(x, lam, gl, gm, gr)`` along ``direction``, storage ``dtype``.
+
+    Arguments: ``x, lam, h``: ``(B, C, H, W)``; ``gl, gm, gr``: ``(B, G, H, W)``; ``chunk``: int32 >= 0.
+    Blocks: ``plane`` per ``(b, c)``; inside it ``line`` per scan step ``s`` (sequential) holding
+    ``step`` (new line into ``current``), ``carry`` (into ``state``) and ``emit`` (into ``h``) per
+    position ``p``. Every block writes one on-chip buffer at most, which keeps GPU barrier placement
+    simple.
+    """
+    assert direction in DIRECTIONS, direction
+
+    @T.prim_func(s_tir=True)
+    def forward(
+        x_handle: T.handle,
+        lam_handle: T.handle,
+        gl_handle: T.handle,
+        gm_handle: T.handle,
+        gr_handle: T.handle,
+        h_handle: T.handle,
+        chunk: T.int32,
+    ):
+        T.func_attr({"tir.noalias": True})
+        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
+        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
+        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
+        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
+        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
+        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
+        n_lines, length = T.meta_var(_line_geometry(direction, H, W))
+        for b, c in T.grid(B, C):
+            with T.sblock("plane"):
+                vb, vc = T.axis.remap("SS", [b, c])
+                T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], gl[vb, 0:G, 0:H, 0:W], gm[vb, 0:G, 0:H, 0:W], gr[vb, 0:G, 0:H, 0:W])
+                T.writes(h[vb, vc, 0:H, 0:W])
+                vg = T.meta_var(vc // (C // G))
+                # state[0, 1 + p]: the previous line in float32; state[0, 0], state[0, P + 1] and the
+                # whole row state[1] stay zero (row 1 is read at segment starts).
+                state = T.sblock_alloc_buffer((2, length + 2), ACCUMULATION_DTYPE)
+                current = T.sblock_alloc_buffer((length,), ACCUMULATION_DTYPE)
+                for row, q in T.grid(2, length + 2):
+                    with T.sblock("clear"):
+                        vrow, vq = T.axis.remap("SS", [row, q])
+                        state[vrow, vq] = T.float32(0)
+                for s in range(n_lines):
+                    with T.sblock("line"):
+                        vs = T.axis.opaque(n_lines, s)
+                        line = T.meta_var(_line_of_step(direction, vs, n_lines))
+                        source = T.meta_var(T.Cast("int64", _starts_segment(vs, T.Cast("int64", chunk))))
+                        for p in range(length):
+                            with T.sblock("step"):
+                                vp = T.axis.spatial(length, p)
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                propagated = T.meta_var(
+                                    T.Cast(ACCUMULATION_DTYPE, gl[vb, vg, i, j]) * state[source, vp]
+                                    + T.Cast(ACCUMULATION_DTYPE, gm[vb, vg, i, j]) * state[source, vp + 1]
+                                    + T.Cast(ACCUMULATION_DTYPE, gr[vb, vg, i, j]) * state[source, vp + 2]
+                                )
+                                current[vp] = (
+                                    T.Cast(ACCUMULATION_DTYPE, lam[vb, vc, i, j]) * T.Cast(ACCUMULATION_DTYPE, x[vb, vc, i, j])
+                                    + propagated
+                                )
+                        for p in range(length):
+                            with T.sblock("carry"):
+                                vp = T.axis.spatial(length, p)
+                                state[0, vp + 1] = current[vp]
+                        for p in range(length):
+                            with T.sblock("emit"):
+                                vp = T.axis.spatial(length, p)
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                h[vb, vc, i, j] = T.Cast(dtype, state[0, vp + 1])
+
+    return forward.with_attr("global_symbol", forward_name(direction))
+
+
+def scan_backward(direction: str, dtype: str):
+    """Adjoint scan along ``direction``: ``(dx, dlam, dgl, dgm, dgr)`` from ``gh`` and the forward ``h``.
+
+    Arguments: ``gh, x, lam, h, dx, dlam``: ``(B, C, H, W)``; ``gl, gm, gr, dgl, dgm, dgr``:
+    ``(B, G, H, W)``; ``chunk`` as in :func:`scan_forward`. One ``slice`` block per weight group
+    ``(b, g)`` owns the group's ``C // G`` channels, so the weight gradients are summed over the
+    group in float32 without atomics. Lines are visited in reverse scan order.
+
+    ``flow[k, t, 1 + p]`` holds ``w_t[p] * d[p]`` of the last visited line for channel ``k`` of the
+    slice and ``t`` in ``(gl, gm, gr)``: the adjoint of line ``s`` reads ``flow_l[p + 1]``,
+    ``flow_m[p]`` and ``flow_r[p - 1]`` of line ``s + 1`` (zero halos at both ends; the extra
+    channel ``k = C // G`` is all zeros and is read when line ``s`` has no successor).
+    """
+    assert direction in DIRECTIONS, direction
+
+    @T.prim_func(s_tir=True)
+    def backward(
+        gh_handle: T.handle,
+        x_handle: T.handle,
+        lam_handle: T.handle,
+        gl_handle: T.handle,
+        gm_handle: T.handle,
+        gr_handle: T.handle,
+        h_handle: T.handle,
+        dx_handle: T.handle,
+        dlam_handle: T.handle,
+        dgl_handle: T.handle,
+        dgm_handle: T.handle,
+        dgr_handle: T.handle,
+        chunk: T.int32,
+    ):
+        T.func_attr({"tir.noalias": True})
+        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        gh = T.match_buffer(gh_handle, (B, C, H, W), dtype)
+        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
+        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
+        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
+        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
+        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
+        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
+        dx = T.match_buffer(dx_handle, (B, C, H, W), dtype)
+        dlam = T.match_buffer(dlam_handle, (B, C, H, W), dtype)
+        dgl = T.match_buffer(dgl_handle, (B, G, H, W), dtype)
+        dgm = T.match_buffer(dgm_handle, (B, G, H, W), dtype)
+        dgr = T.match_buffer(dgr_handle, (B, G, H, W), dtype)
+        n_lines, length = T.meta_var(_line_geometry(direction, H, W))
+        group_size = T.meta_var(C // G)
+        chk = T.meta_var(T.Cast("int64", chunk))
+        for b, g in T.grid(B, G):
+            with T.sblock("slice"):
+                vb, vg = T.axis.remap("SS", [b, g])
+                channels = T.meta_var(slice(vg * group_size, vg * group_size + group_size))
+                T.reads(
+                    gh[vb, channels, 0:H, 0:W],
+                    x[vb, channels, 0:H, 0:W],
+                    lam[vb, channels, 0:H, 0:W],
+                    h[vb, channels, 0:H, 0:W],
+                    gl[vb, vg, 0:H, 0:W],
+                    gm[vb, vg, 0:H, 0:W],
+                    gr[vb, vg, 0:H, 0:W],
+                )
+                T.writes(
+                    dx[vb, channels, 0:H, 0:W],
+                    dlam[vb, channels, 0:H, 0:W],
+                    dgl[vb, vg, 0:H, 0:W],
+                    dgm[vb, vg, 0:H, 0:W],
+                    dgr[vb, vg, 0:H, 0:W],
+                )
+                flow = T.sblock_alloc_buffer((group_size + 1, 3, length + 2), ACCUMULATION_DTYPE)
+                adjoint = T.sblock_alloc_buffer((length,), ACCUMULATION_DTYPE)
+                # previous_h[0, 1 + p]: line s - 1 of the forward output; row 1 stays zero and is read
+                # at segment starts, where the weight gradients vanish.
+                previous_h = T.sblock_alloc_buffer((2, length + 2), ACCUMULATION_DTYPE)
+                # per-channel contributions to the three weight gradients of the current line
+                contribution = T.sblock_alloc_buffer((group_size, 3, length), ACCUMULATION_DTYPE)
+                weight_grad = T.sblock_alloc_buffer((3, length), ACCUMULATION_DTYPE)
+                for k, t, q in T.grid(group_size + 1, 3, length + 2):
+                    with T.sblock("clear_flow"):
+                        vk, vt, vq = T.axis.remap("SSS", [k, t, q])
+                        flow[vk, vt, vq] = T.float32(0)
+                for row, q in T.grid(2, length + 2):
+                    with T.sblock("clear_previous_h"):
+                        vrow, vq = T.axis.remap("SS", [row, q])
+                        previous_h[vrow, vq] = T.float32(0)
+                for r in range(n_lines):
+                    with T.sblock("line"):
+                        vr = T.axis.opaque(n_lines, r)
+                        vs = T.meta_var(n_lines - 1 - vr)  # lines are visited in reverse scan order
+                        line = T.meta_var(_line_of_step(direction, vs, n_lines))
+                        # The predecessor s - 1, clamped at 0: a segment start never uses it.
+                        pred = T.meta_var(_line_of_step(direction, T.max(vs - 1, 0), n_lines))
+                        no_successor = T.meta_var(T.Or(vs + 1 >= n_lines, _starts_segment(vs + 1, chk)))
+                        h_row = T.meta_var(T.Cast("int64", _starts_segment(vs, chk)))
+                        for k in range(group_size):
+                            with T.sblock("channel"):
+                                vk = T.axis.opaque(group_size, k)
+                                vc = T.meta_var(vg * group_size + vk)
+                                successor = T.meta_var(T.Select(no_successor, group_size, vk))
+                                for p in range(length):
+                                    with T.sblock("load_previous_h"):
+                                        vp = T.axis.spatial(length, p)
+                                        pi, pj = T.meta_var(_element(direction, pred, vp))
+                                        previous_h[0, vp + 1] = T.Cast(ACCUMULATION_DTYPE, h[vb, vc, pi, pj])
+                                for p in range(length):
+                                    with T.sblock("adjoint_step"):
+                                        vp = T.axis.spatial(length, p)
+                                        i, j = T.meta_var(_element(direction, line, vp))
+                                        from_successor = T.meta_var(
+                                            flow[successor, 0, vp + 2] + flow[successor, 1, vp + 1] + flow[successor, 2, vp]
+                                        )
+                                        adjoint[vp] = T.Cast(ACCUMULATION_DTYPE, gh[vb, vc, i, j]) + from_successor
+                                for p in range(length):
+                                    with T.sblock("input_gradients"):
+                                        vp = T.axis.spatial(length, p)
+                                        i, j = T.meta_var(_element(direction, line, vp))
+                                        dx[vb, vc, i, j] = T.Cast(dtype, T.Cast(ACCUMULATION_DTYPE, lam[vb, vc, i, j]) * adjoint[vp])
+                                        dlam[vb, vc, i, j] = T.Cast(dtype, T.Cast(ACCUMULATION_DTYPE, x[vb, vc, i, j]) * adjoint[vp])
+                                # t = 0, 1, 2: the weight gl, gm, gr and its neighbour p - 1, p, p + 1
+                                for t, p in T.grid(3, length):
+                                    with T.sblock("flow"):
+                                        vt, vp = T.axis.remap("SS", [t, p])
+                                        i, j = T.meta_var(_element(direction, line, vp))
+                                        weight = T.meta_var(
+                                            T.Select(vt == 0, gl[vb, vg, i, j], T.Select(vt == 1, gm[vb, vg, i, j], gr[vb, vg, i, j]))
+                                        )
+                                        flow[vk, vt, vp + 1] = T.Cast(ACCUMULATION_DTYPE, weight) * adjoint[vp]
+                                for t, p in T.grid(3, length):
+                                    with T.sblock("contribution"):
+                                        vt, vp = T.axis.remap("SS", [t, p])
+                                        contribution[vk, vt, vp] = adjoint[vp] * previous_h[h_row, vp + vt]
+                        for t, p, k in T.grid(3, length, group_size):
+                            with T.sblock("sum_weight_grad"):
+                                vt, vp, vk = T.axis.remap("SSR", [t, p, k])
+                                with T.init():
+                                    weight_grad[vt, vp] = T.float32(0)
+                                weight_grad[vt, vp] = weight_grad[vt, vp] + contribution[vk, vt, vp]
+                        for p in range(length):
+                            with T.sblock("store_weight_grad"):
+                                vp = T.axis.spatial(length, p)
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                dgl[vb, vg, i, j] = T.Cast(dtype, weight_grad[0, vp])
+                                dgm[vb, vg, i, j] = T.Cast(dtype, weight_grad[1, vp])
+                                dgr[vb, vg, i, j] = T.Cast(dtype, weight_grad[2, vp])
+
+    return backward.with_attr("global_symbol", backward_name(direction))

@@ -1,0 +1,79 @@
+"""CUDA schedule: the whole scan is one kernel launch.
+
+A thread block owns one channel slice (forward: one ``(b, c)`` plane; backward: the channels of one
+weight group ``(b, g)``) and walks its lines in scan order. The line axis is mapped to the threads of
+the block (``THREADS`` threads, each covering every ``THREADS``-th position), so row scans read and
+write global memory coalesced. The previous line (``state``), the new line (``current``) and, in the
+adjoint, the flows of every channel of the slice live in shared memory; TVM's thread-sync pass puts
+a ``__syncthreads()`` between the steps of consecutive lines (the new line reads neighbours written
+by other threads).
+
+Column scans (``l2r``, ``r2l``) read their lines directly: thread ``p`` reads row ``p`` of the
+current column, one 32-byte sector per element, and the next ``32 / itemsize - 1`` columns hit the
+same sectors in L2. Staging tiles of columns through shared memory (``cache_read`` into
+``shared.dyn`` at a tile of lines, as the CPU schedule does) is not done: TVM 0.27's barrier planner
+treats all dynamic shared buffers as one buffer and rejects the staged copy loops ("Cannot insert
+syncs inside condition"). The same planner is why every block of the compute writes at most one
+on-chip buffer.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from ..compute import scan_backward, scan_forward
+
+THREADS = 256
+
+
+def _bind_positions(sch: s_tir.Schedule, block) -> None:
+    """Map the innermost (position) loop of ``block`` onto ``threadIdx.x``."""
+    loop = sch.get_loops(block)[-1]
+    _, inner = sch.split(loop, [None, THREADS])
+    sch.bind(inner, "threadIdx.x")
+
+
+def _to_shared(sch: s_tir.Schedule, writer_blocks) -> None:
+    for block_name, buffer_name in writer_blocks:
+        sch.set_scope(sch.get_sblock(block_name), buffer_name, "shared.dyn")
+
+
+def schedule_forward(direction: str, dtype: str):
+    """Scheduled forward PrimFunc for ``direction`` and storage ``dtype``."""
+    sch = s_tir.Schedule(scan_forward(direction, dtype))
+    b, c = sch.get_loops(sch.get_sblock("plane"))
+    sch.bind(sch.fuse(b, c), "blockIdx.x")
+    for name in ("clear", "step", "carry", "emit"):
+        _bind_positions(sch, sch.get_sblock(name))
+    _to_shared(sch, (("clear", "state"), ("step", "current")))
+    return sch.mod["main"]
+
+
+def schedule_backward(direction: str, dtype: str):
+    """Scheduled adjoint PrimFunc for ``direction`` and storage ``dtype``."""
+    sch = s_tir.Schedule(scan_backward(direction, dtype))
+    b, g = sch.get_loops(sch.get_sblock("slice"))
+    sch.bind(sch.fuse(b, g), "blockIdx.x")
+    clear_flow = sch.get_sblock("clear_flow")
+    sch.fuse(*sch.get_loops(clear_flow)[-3:])
+    for name in ("clear_flow", "clear_previous_h", "load_previous_h", "adjoint_step", "input_gradients",
+                 "flow", "contribution", "store_weight_grad"):
+        _bind_positions(sch, sch.get_sblock(name))
+    # The channel sum: initialise once per line, then one pass per channel with positions on threads
+    # (the channel loop outside the position loop keeps every barrier outside the bounds test).
+    total = sch.get_sblock("sum_weight_grad")
+    _, position, channel = sch.get_loops(total)[-3:]
+    sch.reorder(channel, position)
+    _bind_positions(sch, total)
+    _to_shared(
+        sch,
+        (
+            ("clear_flow", "flow"),
+            ("adjoint_step", "adjoint"),
+            ("clear_previous_h", "previous_h"),
+            ("contribution", "contribution"),
+            ("sum_weight_grad", "weight_grad"),
+        ),
+    )
+    sch.decompose_reduction(total, channel)
+    return sch.mod["main"]
