@@ -29,15 +29,6 @@ LAYER_SHAPES_QUICK = [(1, 96, 56, 56)]
 COLUMNS = ["what", "kernel", "direction", "shape (B,C,G,H,W)", "ms", "GB/s", "x floor", "x custom"]
 
 
-def _tvm_module():
-    """``gspn_tvm`` when it is importable and provides enable()/disable(), else None."""
-    try:
-        import gspn_tvm
-    except Exception:
-        return None
-    return gspn_tvm if hasattr(gspn_tvm, "enable") and hasattr(gspn_tvm, "disable") else None
-
-
 def _time_with_tvm(tvm_module, fn, repeat):
     tvm_module.enable()
     try:
@@ -74,8 +65,7 @@ def _scan_rows(shapes, repeat, bandwidth, tvm_module) -> list[dict]:
                     lambda: gspn_ref.gspn_scan_ref(*inputs, direction=direction), max(2, repeat // 3), 1
                 ),
             }
-            if tvm_module is not None:
-                timings["tvm-cpu"] = _time_with_tvm(
+            timings["tvm-cpu"] = _time_with_tvm(
                     tvm_module, lambda: gspn_ref.gspn_scan(*inputs, direction=direction), repeat
                 )
             for kernel, seconds in timings.items():
@@ -104,8 +94,7 @@ def _layer_rows(shapes, repeat, tvm_module) -> list[dict]:
                     "ort-portable": median_time(lambda: portable.run(None, feeds), max(2, repeat // 3), 1),
                     "torch-reference": median_time(lambda: layer(x), max(2, repeat // 3), 1),
                 }
-                if tvm_module is not None:
-                    timings["tvm-cpu"] = _time_with_tvm(tvm_module, lambda: layer(x), repeat)
+                timings["tvm-cpu"] = _time_with_tvm(tvm_module, lambda: layer(x), repeat)
             d_inner = 2 * dim
             for kernel, seconds in timings.items():
                 rows.append({
@@ -120,7 +109,7 @@ def run(quick: bool = False) -> list[dict]:
     """Time every backend on the same inputs; returns the table rows."""
     repeat = 5 if quick else 15
     bandwidth = copy_bandwidth(1 << 26 if quick else 1 << 28)
-    tvm_module = _tvm_module()
+    import gspn_tvm as tvm_module
     rows = _scan_rows(SCAN_SHAPES_QUICK if quick else SCAN_SHAPES, repeat, bandwidth, tvm_module)
     rows += _layer_rows(LAYER_SHAPES_QUICK if quick else LAYER_SHAPES, repeat, tvm_module)
     for row in rows:

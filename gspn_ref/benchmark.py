@@ -91,38 +91,3 @@ def scan_row(name: str, shape, dtype, seconds: float, bandwidth: float, backward
         "x floor": round(seconds / floor, 2),
         **extra,
     }
-
-
-REFERENCE_SIZES = [(1, 192, 192, 56, 56), (1, 16, 16, 512, 512)]
-REFERENCE_SIZES_QUICK = [(1, 192, 192, 56, 56), (1, 8, 8, 256, 256)]
-
-
-def run_reference(quick: bool = False, bandwidth: float | None = None) -> list[dict]:
-    """Time the reference scan (forward and adjoint, t2b and l2r) and the GSPN layer."""
-    from .layer import GSPN
-    from .normalize import normalize_weights
-    from .scan import gspn_scan_backward_ref, gspn_scan_ref
-
-    bandwidth = bandwidth or copy_bandwidth()
-    repeat = 3 if quick else 5
-    rows = []
-    gen = torch.Generator().manual_seed(0)
-    for shape in REFERENCE_SIZES_QUICK if quick else REFERENCE_SIZES:
-        B, C, G, H, W = shape
-        x, lam = torch.randn(2, B, C, H, W, generator=gen)
-        for direction in ("t2b", "l2r"):
-            gl, gm, gr = normalize_weights(*torch.randn(3, B, G, H, W, generator=gen), direction)
-            args = (x, lam, gl, gm, gr, direction, 0)
-            t = median_time(lambda: gspn_scan_ref(*args), repeat, 1)
-            rows.append(scan_row("reference", shape, x.dtype, t, bandwidth, direction=direction))
-            h = gspn_scan_ref(*args)
-            t = median_time(lambda: gspn_scan_backward_ref(h, x, lam, gl, gm, gr, h, direction, 0), repeat, 1)
-            rows.append(scan_row("reference", shape, x.dtype, t, bandwidth, backward=True, direction=direction))
-    for dim, size in ((96, 56),) if quick else ((96, 56), (96, 112)):
-        layer = GSPN(dim).eval()
-        x = torch.randn(1, dim, size, size, generator=gen)
-        with torch.no_grad():
-            t = median_time(lambda: layer(x), repeat, 1)
-        rows.append({"kernel": "reference", "pass": "forward", "shape (B,C,G,H,W)": f"GSPN({dim}) @ 1x{dim}x{size}x{size}",
-                     "dtype": "float32", "ms": round(t * 1e3, 3)})
-    return rows
