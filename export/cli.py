@@ -54,6 +54,7 @@ def demo(out_dir: Path) -> None:
 
     demo_onnx(model, images, logits, out_dir)
     demo_tvm(model, images, logits)
+    demo_relax(model, images, logits, out_dir)
 
 
 def demo_onnx(model, images, logits, out_dir: Path) -> None:
@@ -108,10 +109,42 @@ def demo_tvm(model, images, logits) -> None:
     print(f"  max |TVM - reference| {(result - logits).abs().max().item():.2e}; input gradient norm {x.grad.norm():.4f}")
 
 
+def demo_relax(model, images, logits, out_dir: Path) -> None:
+    """Compile the whole classifier with TVM Relax, save it, run the artifact with the runtime alone."""
+    import os
+    import subprocess
+
+    import numpy as np
+
+    from gspn_tvm import compile_model, runtime_loader
+
+    print("== 6. Whole model compiled by TVM Relax, deployed with the TVM runtime alone")
+    compiled = _timed("torch.export -> Relax -> compile (llvm)", lambda: compile_model(model, (images,)))
+    other = torch.randn(3, 3, 48, 80)
+    with torch.no_grad():
+        expected = model(other)
+        eager_s = median_time(lambda: model(other), repeat=5, warmup=1)
+    result = compiled(other)
+    compiled_s = median_time(lambda: compiled(other), repeat=5, warmup=1)
+    print(f"  at {tuple(other.shape)}: compiled {compiled_s * 1e3:.1f} ms, torch eager {eager_s * 1e3:.1f} ms, "
+          f"max |TVM - torch| {(result - expected).abs().max().item():.2e}")
+    artifact = compiled.save(out_dir / "tiny_classifier_tvm")
+    np.save(out_dir / "tiny_classifier_input.npy", other.numpy())
+    subprocess.run(
+        [sys.executable, runtime_loader.__file__, str(artifact), str(out_dir / "tiny_classifier_input.npy"),
+         "--out", str(out_dir / "tiny_classifier_tvm_logits.npz")],
+        env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"}, check=True, capture_output=True,
+    )  # fmt: skip
+    deployed = torch.from_numpy(np.load(out_dir / "tiny_classifier_tvm_logits.npz")["arr_0"])
+    print(f"  artifact {artifact} ({', '.join(sorted(p.name for p in artifact.iterdir()))})")
+    print(f"  runtime-only process (TVM_USE_RUNTIME_LIB=1): max |diff| {(deployed - expected).abs().max().item():.2e}")
+
+
 def bench(json_path: Path, quick: bool) -> None:
     """Time every backend: TVM CPU kernels, ONNX Runtime, compiled models; print tables, save JSON."""
     import export.bench
     import gspn_tvm.bench
+    import gspn_tvm.relax_bench
     from gspn_ref.benchmark import machine_description, print_table, save_json
 
     torch.manual_seed(0)
@@ -127,6 +160,9 @@ def bench(json_path: Path, quick: bool) -> None:
     results["onnx"] = export.bench.run(quick)
     print(f"copy bandwidth {results['onnx'][0]['copy GB/s']} GB/s")
     print_table(results["onnx"], export.bench.COLUMNS)
+    print("\n== Whole models: TVM Relax vs torch eager vs ONNX Runtime with the custom op")
+    results["relax"] = gspn_tvm.relax_bench.run(quick)
+    print_table(results["relax"], gspn_tvm.relax_bench.COLUMNS)
     save_json(json_path, results)
     print(f"\nsaved {json_path}")
 

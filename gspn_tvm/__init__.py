@@ -17,66 +17,44 @@ later processes load it from the cache in milliseconds.
 
 Layout: :mod:`gspn_tvm.compute` (TensorIR: what is computed), :mod:`gspn_tvm.schedules` (one
 schedule per target: how), :mod:`gspn_tvm.build` (compile + cache), :mod:`gspn_tvm.kernels` (the
-torch-facing kernels), :mod:`gspn_tvm.bench` (timings against the reference and the memory floor).
+torch-facing kernels), :mod:`gspn_tvm.registration` (``enable``/``disable``), :mod:`gspn_tvm.bench`
+(timings against the reference and the memory floor). Whole models: :mod:`gspn_tvm.relax_frontend`
+(``compile_model``, ``compile_onnx``: torch.export or ONNX -> TVM Relax, with the scan lowered to
+this package's TensorIR) and :mod:`gspn_tvm.runtime_loader` (runs a saved artifact with the TVM
+runtime alone). Names are imported lazily, so ``gspn_tvm.runtime_loader`` loads neither torch nor
+the TVM compiler.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
-import torch
+_LAZY = {
+    "enable": "registration",
+    "disable": "registration",
+    "is_enabled": "registration",
+    "devices": "registration",
+    "cache_root": "build",
+    "load_scan_library": "build",
+    "compile_model": "relax_frontend",
+    "compile_onnx": "relax_frontend",
+    "CompiledModel": "relax_frontend",
+    "load_artifact": "runtime_loader",
+}
 
-from gspn_ref import gspn_scan_backward_ref, gspn_scan_ref
-from gspn_ref.ops import scan_backward_op, scan_op
-
-from . import kernels
-from .build import cache_root, load_scan_library
-
-__all__ = ["cache_root", "devices", "disable", "enable", "is_enabled", "load_scan_library"]
-
-_registered: set[str] = set()
-_enabled: set[str] = set()
-
-
-def devices() -> tuple[str, ...]:
-    """Devices the TVM kernels serve in this process: ``("cpu",)`` plus ``"cuda"`` with a GPU."""
-    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+__all__ = sorted(_LAZY)
 
 
-# torch's ``set_kernel_enabled`` is a context manager (scoped switching); enable()/disable() switch
-# for the rest of the process, so the registered kernels consult ``_enabled`` and hand over to the
-# reference while disabled.
-def _forward_kernel(x, lam, gl, gm, gr, direction, chunk):
-    if x.device.type in _enabled:
-        return kernels.scan_forward(x, lam, gl, gm, gr, direction, chunk)
-    return gspn_scan_ref(x, lam, gl, gm, gr, direction, chunk)
-
-
-def _backward_kernel(gh, x, lam, gl, gm, gr, h, direction, chunk):
-    if x.device.type in _enabled:
-        return kernels.scan_backward(gh, x, lam, gl, gm, gr, h, direction, chunk)
-    return gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction, chunk)
-
-
-def enable() -> None:
-    """Run ``gspn::scan`` and ``gspn::scan_backward`` with TVM kernels on every served device."""
-    for device in devices():
-        if device not in _registered:
-            scan_op.register_kernel(device)(_forward_kernel)
-            scan_backward_op.register_kernel(device)(_backward_kernel)
-            _registered.add(device)
-        _enabled.add(device)
-
-
-def disable() -> None:
-    """Return ``gspn::scan`` and ``gspn::scan_backward`` to the reference kernels."""
-    _enabled.clear()
-
-
-def is_enabled(device: str = "cpu") -> bool:
-    """True while the TVM kernels serve ``device``."""
-    return device in _enabled
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gspn_tvm' has no attribute {name!r}")
 
 
 if os.environ.get("GSPN_BACKEND", "").lower() == "tvm":
+    from .registration import enable
+
     enable()

@@ -1,0 +1,120 @@
+"""CPU schedules for the operators Relax lowers around the scan (convolutions, norms, elementwise).
+
+TVM's default CPU pipeline leaves legalized operators unscheduled: one thread, loops in TOPI's
+order. ``cpu_pipeline`` is that pipeline with one more step after operator fusion, which gives every
+unscheduled PrimFunc (the scan kernels are already scheduled and skipped) a simple schedule:
+
+- producers that can be inlined (padding, casts) are inlined into their consumers;
+- every remaining block runs its outer spatial loops in parallel;
+- a reduction block (convolution, matmul) moves its innermost spatial loop inside the reduction
+  loops, so that the inner loop walks the contiguous last axis of the output and of the input, which
+  LLVM vectorizes (sizes are symbolic, so the vector body and its tail are left to LLVM).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+from tvm.relax.transform import AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR, LegalizeOps
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+
+def _innermost_axis_var(block: s_tir.SBlock) -> tirx.Var | None:
+    """The block iterator that indexes the last axis of the block's (first) output, if it is one var."""
+    if not block.writes:
+        return None
+    last = block.writes[0].region[-1].min
+    return last if isinstance(last, tirx.Var) else None
+
+
+class ParallelLoops(CPUScheduleRule):
+    """Parallel outer spatial loops; reductions with the contiguous spatial loop innermost."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        block_infos = normalize_prim_func(sch)
+        if block_infos is None:
+            return None
+        block_infos = try_inline(sch, block_infos)
+        for info in block_infos:
+            block = info.block_rv
+            loops = sch.get_loops(block)
+            if not loops or any(sch.get(loop).kind != tirx.ForKind.SERIAL for loop in loops):
+                continue
+            kinds = info.dom_kind()
+            spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+            reduction = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+            if len(spatial) + len(reduction) != len(loops) or not spatial:
+                continue
+            inner = None
+            if reduction and len(spatial) >= 2:
+                stmt = sch.get(block)
+                last_var = _innermost_axis_var(stmt)
+                last_iter = stmt.iter_vars[kinds.rfind("S")].var if "S" in kinds else None
+                if last_var is not None and last_iter is not None and last_var.same_as(last_iter):
+                    inner = spatial[-1]
+            outer = spatial[:-1] if inner is not None else spatial
+            if inner is not None:
+                sch.reorder(*outer, *reduction, inner)
+            # Leave one loop outside the parallel region when there are several, so that the tasks
+            # are whole rows (or planes), not single elements.
+            parallel_loops = outer[:-1] if len(outer) > 1 and inner is None and not reduction else outer
+            if parallel_loops:
+                sch.parallel(sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0])
+            if reduction:
+                sch.decompose_reduction(block, reduction[0])
+        return sch
+
+
+@tvm.transform.module_pass(opt_level=0, name="GSPNFuseOperators")
+def fuse_operators(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Relax's ``FuseOps`` + ``FuseTIR``; the module unfused where ``FuseTIR`` fails.
+
+    TVM 0.27's ``FuseTIR`` fails ("key is not in Map") on some groups whose tensors have derived
+    symbolic sizes (``height // 4`` after a strided convolution); those models run unfused.
+    """
+    try:
+        return FuseTIR()(FuseOps()(mod))
+    except (KeyError, tvm.error.InternalError):
+        return mod
+
+
+def legalize_passes() -> list:
+    """``cpu_generic.legalize_passes`` with :func:`fuse_operators` for its fusion step."""
+    return [LegalizeOps(), AnnotateTIROpPattern(), FoldConstant(), fuse_operators]
+
+
+def schedule_passes(target: tvm.target.Target) -> list:
+    """The scheduling step: :class:`ParallelLoops` on every PrimFunc not scheduled yet.
+
+    (dlight's ``cpu.Reduction`` is not used: it also claims convolutions with an elementwise
+    epilogue and then computes one output element per task.)
+    """
+    return [dlight.ApplyDefaultSchedule(ParallelLoops())]
+
+
+def cpu_pipeline(target: tvm.target.Target):
+    """TVM's default Relax CPU pipeline with :func:`schedule_passes` after operator fusion."""
+
+    @tvm.transform.module_pass(opt_level=0, name="GSPNRelaxCPUPipeline")
+    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            passes = (
+                cpu_generic.library_dispatch_passes(target)
+                + legalize_passes()
+                + schedule_passes(target)
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            return tvm.transform.Sequential(passes)(mod)
+
+    return pipeline
+
+
+__all__ = ["ParallelLoops", "cpu_pipeline", "schedule_passes"]

@@ -1,0 +1,393 @@
+"""Whole-model compilation of GSPN models with TVM Relax.
+
+``compile_model`` takes a torch model through ``torch.export`` and TVM's ExportedProgram importer;
+``compile_onnx`` takes an ONNX file (custom ``gspn::GSPNScan`` nodes or a portable form) through
+TVM's ONNX importer. In both, every scan becomes a ``call_tir`` of this project's TensorIR scan
+(``gspn_tvm.compute``, scheduled for the target by ``gspn_tvm.schedules``); convolutions, norms and
+the rest are lowered by Relax. The result is one VM executable for the whole model, returned as a
+:class:`CompiledModel` that runs on torch tensors (DLPack, no copies) and saves an artifact that
+``gspn_tvm.runtime_loader`` runs with the TVM runtime alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+import tvm
+from tvm import relax, tirx
+from tvm.relax.frontend import detach_params
+from tvm.relax.frontend.onnx import onnx_frontend
+from tvm.relax.frontend.torch import from_exported_program
+from tvm.runtime.params import save_param_dict_to_file
+from tvm.runtime.vm import VirtualMachine
+
+from gspn_ref.validation import validate_chunk, validate_direction
+
+from .compute import forward_name
+from .relax_cpu_schedule import cpu_pipeline
+from .runtime_loader import (
+    LIBRARY_FILE,
+    PARAMS_FILE,
+    SIGNATURE_FILE,
+    SIGNATURE_VERSION,
+    check_inputs,
+    device_for,
+)
+
+TORCH_SCAN_OP = "scan.default"  # ``node.target.__name__`` of ``torch.ops.gspn.scan.default``
+ONNX_SCAN_DOMAIN, ONNX_SCAN_OP = "gspn", "GSPNScan"
+SUPPORTED_TARGET_KINDS = ("llvm", "cuda")
+OP_PATTERN_OPAQUE = 8  # relax's OpPatternKind.kOpaque: FuseOps never merges the scan into a neighbour
+# torch.export gives every dynamic dimension a lower bound of at least 2 (it specializes sizes 0
+# and 1); the compiled code has no such limit, so only larger bounds are kept as requirements.
+_TORCH_SPECIALIZATION_FLOOR = 2
+
+
+def _as_target(target: str | dict | tvm.target.Target) -> tvm.target.Target:
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if target.kind.name not in SUPPORTED_TARGET_KINDS:
+        raise ValueError(f"target: expected a target of kind {SUPPORTED_TARGET_KINDS}; got {target.kind.name!r}")
+    return target
+
+
+def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Target) -> tirx.PrimFunc:
+    """The project's forward scan for ``direction``/``dtype``, scheduled for ``target``, ``chunk`` bound.
+
+    Arguments of the returned PrimFunc: ``x, lam, h`` ``(B, C, H, W)``, ``gl, gm, gr`` ``(B, G, H, W)``
+    in the order ``x, lam, gl, gm, gr, h`` (sizes symbolic).
+    """
+    if target.kind.name == "cuda":
+        from .schedules.cuda import schedule_forward
+    else:
+        from .schedules.cpu import schedule_forward
+    func = schedule_forward(direction, dtype)
+    # The chunk of every scan of a model is a constant of the graph: bind it so the kernel folds it.
+    chunk_param = func.params[-1]
+    func = func.specialize({chunk_param: tirx.IntImm("int32", chunk)})
+    return func.with_attrs(
+        {
+            "global_symbol": f"{forward_name(direction)}_{dtype}_chunk{chunk}",
+            "tirx.is_scheduled": True,
+            "op_pattern": OP_PATTERN_OPAQUE,
+        }
+    )
+
+
+class ScanEmitter:
+    """Emits ``call_tir`` of the scan into a Relax BlockBuilder, one PrimFunc per (direction, dtype, chunk)."""
+
+    def __init__(self, target: tvm.target.Target):
+        self.target = target
+        self._kernels: dict[tuple[str, str, int], relax.GlobalVar] = {}
+
+    def emit(self, bb: relax.BlockBuilder, inputs: Sequence[relax.Expr], direction: str, chunk: int) -> relax.Var:
+        """``h`` for ``inputs = (x, lam, gl, gm, gr)``; ``h`` has the type (shape, dtype) of ``x``."""
+        direction, chunk = validate_direction(direction), validate_chunk(int(chunk))
+        x = inputs[0]
+        x_type = x.ty
+        if x_type.shape is None:
+            raise ValueError(
+                f"GSPNScan: the shape of x is unknown to the importer ({x_type}); "
+                "give the model's inputs a rank and shape"
+            )
+        dtype = str(x_type.dtype)
+        for name, value in zip(("lam", "gl", "gm", "gr"), inputs[1:]):
+            if str(value.ty.dtype) != dtype:
+                raise ValueError(f"GSPNScan: {name} has dtype {value.ty.dtype}; expected {dtype} (the dtype of x)")
+        key = (direction, dtype, chunk)
+        if key not in self._kernels:
+            kernel = scan_kernel(direction, dtype, chunk, self.target)
+            self._kernels[key] = bb.add_func(kernel, kernel.attrs["global_symbol"])
+        return bb.emit(relax.call_tir(self._kernels[key], list(inputs), x_type))
+
+    def torch_converter(self) -> Callable:
+        """Converter of ``torch.ops.gspn.scan.default`` for ``from_exported_program``'s custom map."""
+
+        def convert(node: torch.fx.Node, importer) -> relax.Var:
+            inputs = [importer.env[arg] for arg in node.args[:5]]
+            direction = node.args[5] if len(node.args) > 5 else node.kwargs["direction"]
+            chunk = node.args[6] if len(node.args) > 6 else node.kwargs.get("chunk", 0)
+            return self.emit(importer.block_builder, inputs, direction, chunk)
+
+        return convert
+
+
+class _GSPNOnnxImporter(onnx_frontend.ONNXGraphImporter):
+    """TVM's ONNX importer, plus ``gspn::GSPNScan`` (SPEC section 7) lowered to the project's scan."""
+
+    def __init__(self, emitter: ScanEmitter, **kwargs):
+        super().__init__(**kwargs)
+        self._emitter = emitter
+
+    def _check_for_unsupported_ops(self, graph: onnx.GraphProto):
+        control_flow = sorted({node.op_type for node in graph.node if node.op_type in ("Scan", "Loop")})
+        if control_flow:
+            raise ValueError(
+                f"this ONNX model uses {', '.join(control_flow)}, which TVM's Relax ONNX importer does not "
+                "implement; export it with mode='custom' (GSPNScan nodes) or mode='portable-unrolled'"
+            )
+        gspn_nodes = [node for node in graph.node if node.op_type == ONNX_SCAN_OP]
+        for node in gspn_nodes:
+            if node.domain != ONNX_SCAN_DOMAIN:
+                raise ValueError(f"node {node.name!r}: op {ONNX_SCAN_OP} in domain {node.domain!r}; expected {ONNX_SCAN_DOMAIN!r}")
+        others = onnx.GraphProto()
+        others.node.extend(node for node in graph.node if node.op_type != ONNX_SCAN_OP)
+        super()._check_for_unsupported_ops(others)
+
+    def _convert_operator(self, op_name: str, inputs: list, attrs: dict, opset: int):
+        if op_name == "Range":
+            return self._convert_range(inputs, attrs, opset)
+        if op_name != ONNX_SCAN_OP:
+            return super()._convert_operator(op_name, inputs, attrs, opset)
+        if len(inputs) != 5 or any(value is None for value in inputs):
+            raise ValueError(f"{ONNX_SCAN_OP}: expected 5 inputs (x, lam, gl, gm, gr); got {len(inputs)}")
+        if "direction" not in attrs:
+            raise ValueError(f"{ONNX_SCAN_OP}: the attribute 'direction' is required")
+        direction = attrs["direction"]
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        return self._emitter.emit(self.bb, inputs, direction, attrs.get("chunk", 0))
+
+
+    def _convert_range(self, inputs: list, attrs: dict, opset: int):
+        """``Range`` over integer sizes read from shapes: an ``arange`` whose length Relax knows.
+
+        TVM's converter turns a size that comes from ``Shape`` into a tensor, so the ``Range``
+        output (GSPN's weight masks over the line length) and everything after it lose their shape.
+        """
+        graph = [self._nodes, self._params]
+        bounds = [_integer_scalar(onnx_frontend.get_constant(value, graph)) for value in inputs]
+        if len(bounds) != 3 or any(b is None for b in bounds):
+            return super()._convert_operator("Range", inputs, attrs, opset)
+        dtype = str(bounds[0].ty)
+        start, limit, delta = (tirx.Cast(dtype, b) if str(b.ty) != dtype else b for b in bounds)
+        return relax.op.arange(start, limit, delta, dtype)
+
+
+def _integer_scalar(value) -> tirx.PrimExpr | None:
+    """The integer scalar ``value`` (a PrimExpr or a one-element constant) as a PrimExpr, else None."""
+    if tvm.ir.is_prim_expr(value):
+        return value if str(value.ty).startswith("int") else None
+    if isinstance(value, tvm.ir.GenericConst):
+        array = value.value.numpy()
+        if array.size == 1 and array.dtype.kind == "i":
+            return tirx.IntImm(str(array.dtype), int(array.reshape(())))
+    return None
+
+
+def _signature(main: relax.Function, device_type: str, param_names: list[str]) -> dict:
+    """Inputs (name, shape with dynamic dimensions by name, dtype) and lower bounds, as JSON-ready data."""
+    num_inputs = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
+    inputs = []
+    for var in main.params[:num_inputs]:
+        shape = [int(d) if isinstance(d, tirx.IntImm) else str(d) for d in var.ty.shape.values]
+        inputs.append({"name": var.name, "shape": shape, "dtype": str(var.ty.dtype)})
+    lower_bounds = {}
+    if "tir_var_lower_bound" in main.attrs:
+        for name, bound in main.attrs["tir_var_lower_bound"].items():
+            if int(bound) > _TORCH_SPECIALIZATION_FLOOR:
+                lower_bounds[str(name)] = int(bound)
+    return {
+        "version": SIGNATURE_VERSION,
+        "device_type": device_type,
+        "inputs": inputs,
+        "lower_bounds": lower_bounds,
+        "param_order": param_names,
+    }
+
+
+def _readable_dimension_names(signature: dict) -> dict:
+    """Rename the dynamic dimensions of the first 4-D input to batch/height/width (and their bounds)."""
+    first = next((spec for spec in signature["inputs"] if len(spec["shape"]) == 4), None)
+    if first is None:
+        return signature
+    renames = {}
+    for axis, label in ((0, "batch"), (2, "height"), (3, "width")):
+        dim = first["shape"][axis]
+        if isinstance(dim, str) and dim not in renames and label not in renames.values():
+            renames[dim] = label
+    taken = {d for spec in signature["inputs"] for d in spec["shape"] if isinstance(d, str)}
+    renames = {old: new for old, new in renames.items() if new not in taken or new == old}
+    for spec in signature["inputs"]:
+        spec["shape"] = [renames.get(d, d) if isinstance(d, str) else d for d in spec["shape"]]
+    signature["lower_bounds"] = {renames.get(k, k): v for k, v in signature["lower_bounds"].items()}
+    return signature
+
+
+def _to_torch(value):
+    if isinstance(value, tvm.runtime.Tensor):
+        return torch.from_dlpack(value)
+    return tuple(_to_torch(item) for item in value)
+
+
+class CompiledModel:
+    """A whole model compiled by TVM Relax.
+
+    ``model(*tensors)`` takes torch tensors on the compiled device (shapes and dtypes as in
+    ``signature``) and returns torch tensors sharing memory with TVM's outputs (DLPack). ``save(path)``
+    writes an artifact folder for ``gspn_tvm.runtime_loader.load_artifact``.
+    """
+
+    def __init__(self, executable, params: list, signature: dict, target: tvm.target.Target):
+        self.executable = executable
+        self.signature = signature
+        self.target = target
+        self.device = device_for(signature["device_type"])
+        self._params = [p.copyto(self.device) for p in params]
+        self._main = VirtualMachine(executable, self.device)["main"]
+        kind = "cuda" if self.device.dlpack_device_type() == tvm.cuda().dlpack_device_type() else "cpu"
+        self.torch_device = torch.device(kind, self.device.index) if kind == "cuda" else torch.device("cpu")
+
+    def __call__(self, *tensors: torch.Tensor):
+        """Outputs of the model for ``tensors``: a tensor, or a tuple when the model returns several."""
+        for spec, t in zip(self.signature["inputs"], tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{spec['name']}: expected a torch.Tensor; got {type(t).__name__}")
+            if t.device != self.torch_device:
+                raise ValueError(f"{spec['name']}: the model was compiled for {self.torch_device}; got a tensor on {t.device}")
+        check_inputs(
+            self.signature,
+            [tuple(t.shape) for t in tensors],
+            [str(t.dtype).removeprefix("torch.") for t in tensors],
+        )
+        inputs = [tvm.runtime.from_dlpack(t.contiguous()) for t in tensors]
+        return _to_torch(self._main(*inputs, *self._params))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact folder ``path`` (``model.so``, ``params.bin``, ``signature.json``)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.executable.export_library(str(folder / LIBRARY_FILE))
+        named = dict(zip(self.signature["param_order"], self._params))
+        save_param_dict_to_file(named, str(folder / PARAMS_FILE))
+        (folder / SIGNATURE_FILE).write_text(json.dumps(self.signature, indent=1))
+        return folder
+
+    def __repr__(self) -> str:
+        from .runtime_loader import format_shape
+
+        inputs = ", ".join(f"{s['name']}: {format_shape(s['shape'])} {s['dtype']}" for s in self.signature["inputs"])
+        return f"CompiledModel({inputs}; target={self.target.kind.name})"
+
+
+def _build(mod: tvm.IRModule, target: tvm.target.Target) -> CompiledModel:
+    """Detach the parameters of ``mod`` (``main`` has them as trailing inputs), compile, wrap."""
+    mod, params = detach_params(mod)
+    main = mod["main"]
+    num_inputs = int(main.attrs["num_input"])
+    param_names = [var.name for var in main.params[num_inputs:]]
+    if len(set(param_names)) != len(param_names):
+        param_names = [f"{i}_{name}" for i, name in enumerate(param_names)]
+    signature = _readable_dimension_names(_signature(main, target.kind.name, param_names))
+    pipeline = cpu_pipeline(target) if target.kind.name == "llvm" else relax.get_default_pipeline(target)
+    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    return CompiledModel(executable, params.get("main", []), signature, target)
+
+
+def _dynamic_shapes(example_args: tuple) -> tuple:
+    """Batch, height and width of 4-D (NCHW) inputs dynamic, the batch of other tensors, channels fixed.
+
+    ``Dim.AUTO`` lets torch keep a dimension fixed where the model or the example requires it (an
+    example size of 1 is always fixed); the compiled signature then says so and calls check it.
+    """
+    dynamic = torch.export.Dim.AUTO
+    specs = []
+    for arg in example_args:
+        if isinstance(arg, torch.Tensor) and arg.dim() == 4:
+            specs.append({0: dynamic, 2: dynamic, 3: dynamic})
+        elif isinstance(arg, torch.Tensor) and arg.dim() >= 1:
+            specs.append({0: dynamic})
+        else:
+            specs.append(None)
+    return tuple(specs)
+
+
+def compile_model(
+    model: torch.nn.Module,
+    example_args: Any,
+    *,
+    target: str | dict | tvm.target.Target = "llvm",
+    dynamic: bool | tuple = True,
+) -> CompiledModel:
+    """Compile ``model`` (called as ``model(*example_args)``) for ``target`` with TVM Relax.
+
+    ``dynamic=True``: batch, height and width of 4-D inputs (the batch of other inputs) are run-time
+    sizes, except those torch fixes (example sizes of 1, sizes the model's code depends on);
+    ``False``: every size is fixed at the example's (other sizes raise ``ValueError``); a
+    tuple is passed to ``torch.export.export`` as ``dynamic_shapes``. Model parameters are
+    captured as they are now.
+    """
+    target = _as_target(target)
+    args = example_args if isinstance(example_args, tuple) else (example_args,)
+    if dynamic is True:
+        dynamic_shapes = _dynamic_shapes(args)
+    elif dynamic is False:
+        dynamic_shapes = None
+    else:
+        dynamic_shapes = dynamic
+    # Exported outside no_grad on purpose: a graph traced under no_grad makes Relax's FuseTIR fail
+    # (TVM 0.27, "buffer_idx == buffers.size()") on models with two identical GSPN layers.
+    program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+    emitter = ScanEmitter(target)
+    mod = from_exported_program(
+        program,
+        keep_params_as_input=True,
+        unwrap_unit_return_tuple=True,
+        custom_convert_map={TORCH_SCAN_OP: emitter.torch_converter()},
+    )
+    return _build(mod, target)
+
+
+def _onnx_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, Sequence[int | str]]) -> dict:
+    """``shape_dict`` for TVM's importer: an int fixes a size, a string names a dynamic one."""
+    names = [value.name for value in model.graph.input]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise ValueError(f"input_shapes: {unknown} are not inputs of the model; its inputs are {names}")
+    symbols: dict[str, tirx.Var] = {}
+    shape_dict = {}
+    for name, shape in input_shapes.items():
+        dims = []
+        for dim in shape:
+            if isinstance(dim, str):
+                dims.append(symbols.setdefault(dim, tirx.Var(dim, "int64")))
+            elif isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1:
+                dims.append(dim)
+            else:
+                raise ValueError(f"input_shapes[{name!r}]: expected ints >= 1 or dimension names; got {tuple(shape)}")
+        shape_dict[name] = dims
+    return shape_dict
+
+
+def compile_onnx(
+    path: str | os.PathLike | onnx.ModelProto,
+    *,
+    target: str | dict | tvm.target.Target = "llvm",
+    input_shapes: dict[str, Sequence[int | str]] | None = None,
+) -> CompiledModel:
+    """Compile the ONNX model ``path`` (file or ModelProto) for ``target`` with TVM Relax.
+
+    ``gspn::GSPNScan`` nodes become the project's scan kernel; a portable export must be
+    ``mode='portable-unrolled'`` (TVM's ONNX importer has no ``Scan``/``Loop``). The sizes the model
+    names (``dim_param``: ``batch``, ``height``, ``width``) stay dynamic; ``input_shapes`` (input
+    name -> sizes; an int fixes a size, a string keeps it dynamic under that name) overrides them.
+    """
+    target = _as_target(target)
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(os.fspath(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    dtypes = {
+        value.name: onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+        for value in model.graph.input
+    }
+    importer = _GSPNOnnxImporter(
+        ScanEmitter(target),
+        shape_dict=_onnx_input_shapes(model, input_shapes) if input_shapes else None,
+        dtype_dict=dtypes,
+        keep_params_in_input=True,
+    )
+    return _build(importer.from_onnx(model.graph, opset), target)

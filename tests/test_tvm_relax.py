@@ -1,0 +1,208 @@
+"""Whole GSPN models compiled by TVM Relax (``gspn_tvm.relax_frontend``) against torch eager.
+
+Each model is compiled once per module (compiles take seconds); sizes are small. Tolerances follow
+``tests.helpers.scan_tolerance`` for float32 with one accumulated term per scanned line and per
+reduced channel, relative to the output scale.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import export
+from gspn_ref import GSPN, TinyGSPNClassifier
+from gspn_tvm.relax_frontend import CompiledModel, compile_model, compile_onnx
+from tests.helpers import assert_close_scaled
+
+LOADER_FILE = Path(__file__).resolve().parents[1] / "gspn_tvm" / "runtime_loader.py"
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial parameters everywhere (GRN starts as the identity, alpha as a constant)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return module.eval()
+
+
+def random_input(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def n_terms(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Accumulated terms bounding the rounding error: lines of a scan plus the widest reduction."""
+    widest = max(p.shape[1] if p.dim() == 4 else p.numel() for p in model.parameters())
+    return x.shape[-2] + x.shape[-1] + widest
+
+
+def assert_matches_eager(compiled, model: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected = model(x)
+    actual = compiled(x)
+    assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype
+    assert_close_scaled(actual, expected, torch.float32, n_terms(model, x), what=f"output at {tuple(x.shape)}")
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """A GSPN layer with weight groups and local (chunked) propagation."""
+    return randomize_(GSPN(8, d_inner=16, d_proxy=4, chunk=3, groups=4), seed=1)
+
+
+@pytest.fixture(scope="module")
+def compiled_layer(layer) -> CompiledModel:
+    return compile_model(layer, (random_input((2, 8, 12, 10), seed=2),))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return randomize_(TinyGSPNClassifier(dims=(8, 16), depths=(1, 1), d_proxy=4), seed=3)
+
+
+@pytest.fixture(scope="module")
+def compiled_classifier(classifier) -> CompiledModel:
+    return compile_model(classifier, (random_input((2, 3, 32, 32), seed=4),))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 12, 10), (1, 8, 5, 7), (3, 8, 1, 9), (2, 8, 16, 1), (1, 8, 17, 23)])
+def test_layer_matches_eager_at_any_size(compiled_layer, layer, shape):
+    assert_matches_eager(compiled_layer, layer, random_input(shape, seed=sum(shape)))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 16, 24), (3, 3, 40, 56)])
+def test_classifier_matches_eager_at_any_size(compiled_classifier, classifier, shape):
+    assert_matches_eager(compiled_classifier, classifier, random_input(shape, seed=sum(shape)))
+
+
+def test_signature_names_dynamic_and_fixed_dimensions(compiled_layer):
+    (spec,) = compiled_layer.signature["inputs"]
+    assert spec["shape"] == ["batch", 8, "height", "width"] and spec["dtype"] == "float32"
+    assert "(batch, 8, height, width)" in repr(compiled_layer)
+
+
+def test_dynamic_model_rejects_wrong_channels_rank_and_dtype(compiled_layer):
+    compiled = r"compiled for shape \(batch, 8, height, width\) float32"
+    with pytest.raises(ValueError, match=compiled + r"; got \(2, 9, 6, 6\) float32 \(dimension 1 is fixed at 8\)"):
+        compiled_layer(torch.zeros(2, 9, 6, 6))
+    with pytest.raises(ValueError, match=compiled + r"; got \(8, 6, 6\) float32 \(rank 3 instead of 4\)"):
+        compiled_layer(torch.zeros(8, 6, 6))
+    with pytest.raises(ValueError, match=compiled + r"; got \(2, 8, 6, 6\) float64 \(dtype differs\)"):
+        compiled_layer(torch.zeros(2, 8, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"expected 1 input\(s\) \(x\); got 2"):
+        compiled_layer(torch.zeros(2, 8, 6, 6), torch.zeros(2, 8, 6, 6))
+
+
+def test_classifier_keeps_the_minimum_size_torch_export_derived(compiled_classifier):
+    bounds = compiled_classifier.signature["lower_bounds"]
+    assert set(bounds) <= {"height", "width"}
+    if bounds:
+        small = bounds.get("height", 1) - 1
+        with pytest.raises(ValueError, match=r"compiled for shape \(batch, 3, height, width\).*must be >="):
+            compiled_classifier(torch.zeros(1, 3, small, 32))
+
+
+def test_static_compile_names_the_compiled_shape():
+    layer = randomize_(GSPN(4, d_proxy=2, directions=("t2b", "r2l")), seed=5)
+    x = random_input((2, 4, 6, 5), seed=6)
+    compiled = compile_model(layer, (x,), dynamic=False)
+    assert_matches_eager(compiled, layer, x)
+    message = r"x: the model was compiled for shape \(2, 4, 6, 5\) float32; got \(2, 4, 7, 5\) float32 \(dimension 2 is fixed at 6\)"
+    with pytest.raises(ValueError, match=message):
+        compiled(torch.zeros(2, 4, 7, 5))
+
+
+def test_outputs_are_not_overwritten_by_the_next_call(compiled_layer, layer):
+    x1, x2 = random_input((2, 8, 6, 6), seed=7), random_input((2, 8, 6, 6), seed=8)
+    first = compiled_layer(x1)
+    kept = first.clone()
+    compiled_layer(x2)
+    assert torch.equal(first, kept)
+
+
+def test_non_contiguous_input_is_accepted(compiled_layer, layer):
+    x = random_input((2, 8, 9, 7), seed=9).transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x.is_contiguous()
+    assert_matches_eager(compiled_layer, layer, x)
+
+
+def test_onnx_custom_op_model_matches_eager(layer, tmp_path):
+    path = tmp_path / "layer_custom.onnx"
+    export.to_onnx(layer, (random_input((2, 8, 12, 10), seed=10),), path, mode="custom")
+    compiled = compile_onnx(path)
+    assert compiled.signature["inputs"][0]["shape"] == ["batch", 8, "height", "width"]
+    for shape in [(2, 8, 12, 10), (1, 8, 7, 13), (3, 8, 5, 4)]:
+        assert_matches_eager(compiled, layer, random_input(shape, seed=11 + sum(shape)))
+    fixed = compile_onnx(path, input_shapes={"x": ("batch", 8, 6, 5)})
+    assert_matches_eager(fixed, layer, random_input((2, 8, 6, 5), seed=12))
+    with pytest.raises(ValueError, match=r"compiled for shape \(batch, 8, 6, 5\) float32; got \(2, 8, 6, 6\)"):
+        fixed(torch.zeros(2, 8, 6, 6))
+
+
+def test_onnx_portable_unrolled_model_imports_as_it_is(tmp_path):
+    layer = randomize_(GSPN(4, d_proxy=2, chunk=2), seed=12)
+    x = random_input((1, 4, 5, 6), seed=13)
+    path = tmp_path / "layer_portable.onnx"
+    proto = export.to_onnx(layer, (x,), path, mode="portable-unrolled", dynamic=False)
+    assert not any(node.domain == "gspn" for node in proto.graph.node)
+    assert_matches_eager(compile_onnx(path), layer, x)
+
+
+def test_onnx_portable_scan_loop_is_refused_with_the_way_out(tmp_path):
+    layer = randomize_(GSPN(4, d_proxy=2, directions=("l2r",)), seed=14)
+    path = tmp_path / "layer_loop.onnx"
+    export.to_onnx(layer, (random_input((2, 4, 4, 4), seed=15),), path, mode="portable")
+    with pytest.raises(ValueError, match="does not implement.*mode='custom'.*mode='portable-unrolled'"):
+        compile_onnx(path)
+
+
+RUNTIME_ONLY_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, sys
+    sys.modules["torch"] = None  # as if torch were not installed: any import of it fails
+    import numpy as np
+    import tvm
+    assert tvm.base._RUNTIME_ONLY and "tvm_compiler" not in tvm.base._LOADED_LIBS, tvm.base._LOADED_LIBS
+    spec = importlib.util.spec_from_file_location("runtime_loader", sys.argv[1])
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    model = loader.load_artifact(sys.argv[2])
+    for i, path in enumerate(sys.argv[3:]):
+        np.save(f"{sys.argv[2]}/out_{i}.npy", model.run(np.load(path)))
+    try:
+        model.run(np.zeros((2, 5, 8, 8), np.float32))
+    except ValueError as error:
+        print("rejected:", error)
+    assert not any(name == "torch" or name.startswith("torch.") for name, m in sys.modules.items() if m is not None)
+    """
+)
+
+
+def test_saved_artifact_runs_with_the_tvm_runtime_alone(compiled_classifier, classifier, tmp_path):
+    artifact = compiled_classifier.save(tmp_path / "tiny")
+    assert {p.name for p in artifact.iterdir()} == {"model.so", "params.bin", "signature.json"}
+    inputs = [random_input(shape, seed=sum(shape)) for shape in [(2, 3, 32, 32), (1, 3, 24, 40)]]
+    paths = []
+    for i, x in enumerate(inputs):
+        paths.append(tmp_path / f"in_{i}.npy")
+        np.save(paths[-1], x.numpy())
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", RUNTIME_ONLY_SCRIPT, str(LOADER_FILE), str(artifact), *map(str, paths)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rejected: x: the model was compiled for shape (batch, 3, height, width) float32" in result.stdout
+    for i, x in enumerate(inputs):
+        with torch.no_grad():
+            expected = classifier(x)
+        actual = torch.from_numpy(np.load(artifact / f"out_{i}.npy"))
+        assert_close_scaled(actual, expected, torch.float32, n_terms(classifier, x), what=f"runtime-only {tuple(x.shape)}")
