@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +13,22 @@ import torch
 
 from gspn_ref.benchmark import median_time
 
+
+
+@contextlib.contextmanager
+def _native_warnings_to(path: Path):
+    """Send what native code (TVM's C++ logging) writes to stderr into ``path`` for the duration."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _timed(label: str, fn):
@@ -111,7 +129,6 @@ def demo_tvm(model, images, logits) -> None:
 
 def demo_relax(model, images, logits, out_dir: Path) -> None:
     """Compile the whole classifier with TVM Relax, save it, run the artifact with the runtime alone."""
-    import os
     import subprocess
 
     import numpy as np
@@ -119,7 +136,10 @@ def demo_relax(model, images, logits, out_dir: Path) -> None:
     from gspn_tvm import compile_model, runtime_loader
 
     print("== 6. Whole model compiled by TVM Relax, deployed with the TVM runtime alone")
-    compiled = _timed("torch.export -> Relax -> compile (llvm)", lambda: compile_model(model, (images,)))
+    log = out_dir / "tvm_compile.log"
+    with _native_warnings_to(log):
+        compiled = _timed("torch.export -> Relax -> compile (llvm)", lambda: compile_model(model, (images,)))
+    print(f"  TVM's compiler log: {log}")
     other = torch.randn(3, 3, 48, 80)
     with torch.no_grad():
         expected = model(other)
@@ -128,7 +148,8 @@ def demo_relax(model, images, logits, out_dir: Path) -> None:
     compiled_s = median_time(lambda: compiled(other), repeat=5, warmup=1)
     print(f"  at {tuple(other.shape)}: compiled {compiled_s * 1e3:.1f} ms, torch eager {eager_s * 1e3:.1f} ms, "
           f"max |TVM - torch| {(result - expected).abs().max().item():.2e}")
-    artifact = compiled.save(out_dir / "tiny_classifier_tvm")
+    with _native_warnings_to(log):
+        artifact = compiled.save(out_dir / "tiny_classifier_tvm")
     np.save(out_dir / "tiny_classifier_input.npy", other.numpy())
     subprocess.run(
         [sys.executable, runtime_loader.__file__, str(artifact), str(out_dir / "tiny_classifier_input.npy"),

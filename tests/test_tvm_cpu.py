@@ -207,3 +207,17 @@ def test_stale_kernel_version_is_not_loaded(isolated_cache, monkeypatch):
     assert build.cache_path("cpu", "float32") != old
     build.load_scan_library("cpu", "float32")
     assert len(isolated_cache) == 2
+
+
+@pytest.mark.parametrize("direction", ["l2r", "r2l"])
+def test_column_scans_stage_inputs_and_outputs_through_tiles(direction):
+    """Column scans read and write global memory row by row, through transposed local tiles."""
+    from gspn_tvm.schedules import cpu
+
+    for schedule, inputs, outputs in (
+        (cpu.schedule_forward, cpu.FORWARD_INPUTS, cpu.FORWARD_OUTPUTS),
+        (cpu.schedule_backward, cpu.BACKWARD_INPUTS, cpu.BACKWARD_OUTPUTS),
+    ):
+        script = schedule(direction, "float32").script()
+        for name in inputs + outputs:
+            assert f'T.sblock("{name}_global")' in script, f"{schedule.__name__}: {name} is not staged"

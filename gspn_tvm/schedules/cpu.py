@@ -1,14 +1,16 @@
-"""CPU (LLVM) schedule: parallel over planes, the line loop innermost and contiguous.
+"""CPU (LLVM) schedule: parallel over planes, one contiguous pass per line.
 
 Forward: one task per ``(b, c)`` plane; backward: one task per weight group ``(b, g)``. Inside a
 task the lines run in scan order and each line is one pass over contiguous memory, which LLVM
 vectorizes (AVX2/AVX-512): symbolic line lengths rule out TVM's own fixed-width vectorize without a
 scalar tail, and LLVM emits the vector body plus remainder itself.
 
-Column scans (``l2r``, ``r2l``) would read memory with a stride of ``W`` elements, one cache line per
-element. Their inputs are staged instead: ``TILE_LINES`` consecutive columns of every input are
-copied (row by row, contiguously) into a transposed, padded local tile, and the scan steps read the
-tile contiguously.
+Column scans (``l2r``, ``r2l``) would read and write memory with a stride of ``W`` elements, one
+cache line per element. Their inputs and outputs are staged instead: for each tile of
+``TILE_LINES`` consecutive columns, every input is copied row by row (contiguously) into a
+transposed, padded local tile, the scan steps read and write tiles contiguously, and the output
+tiles are copied back row by row. A tile holds ``TILE_LINES * H`` elements of each staged buffer,
+staged row by row so that every global access is contiguous.
 """
 
 from __future__ import annotations
@@ -19,23 +21,49 @@ from gspn_ref.directions import is_column
 
 from ..compute import scan_backward, scan_forward
 
-TILE_LINES = 32
+#: Columns per staged tile: 64 float32 = four cache lines of each row. Measured against 16 (one
+#: cache line): each staged row is a separate 4 KiB page at W = 1024, so wider tiles visit each page
+#: fewer times; the tiles of one task (~6 buffers x 64 x H x 4 B) then live in L2/L3.
+TILE_LINES = 64
 # Pad each staged line to avoid power-of-two strides mapping every row onto one cache set.
 _PAD_ALIGN, _PAD_OFFSET = 64, 16
 
 FORWARD_INPUTS = ("x", "lam", "gl", "gm", "gr")
-BACKWARD_INPUTS = ("gh", "x", "lam", "gl", "gm", "gr")
+FORWARD_OUTPUTS = ("h",)
+BACKWARD_INPUTS = ("gh", "x", "lam", "gl", "gm", "gr", "h")
+BACKWARD_OUTPUTS = ("dx", "dlam", "dgl", "dgm", "dgr")
 
 
-def _stage_column_tiles(sch: s_tir.Schedule, line_block, inputs) -> None:
-    """Copy ``TILE_LINES`` columns of each input into a transposed local tile before they are scanned."""
+def _transposed(b, c, i, j):
+    return (b, c, j, i)
+
+
+def _stage_column_tiles(sch: s_tir.Schedule, line_block, inputs, outputs) -> None:
+    """Stage ``TILE_LINES`` columns of each input/output through transposed local tiles."""
+    # Output caches are created before the line loop is split: created after the split, TVM 0.27's
+    # reverse_compute_at drops the bounds predicate of the copy-back for reversed scans (r2l), whose
+    # last tile starts before column 0.
+    write_stages = [sch.cache_write(line_block, name, "global") for name in outputs]
     (line_loop,) = sch.get_loops(line_block)
     tile_loop, _ = sch.split(line_loop, [None, TILE_LINES])
     for name in inputs:
         stage = sch.cache_read(line_block, name, "global")
         sch.compute_at(stage, tile_loop)
-        sch.transform_layout(stage, ("write", 0), lambda b, c, i, j: (b, c, j, i))
+        sch.transform_layout(stage, ("write", 0), _transposed)
         sch.storage_align(stage, 0, 2, _PAD_ALIGN, _PAD_OFFSET)
+    for stage in write_stages:
+        sch.reverse_compute_at(stage, tile_loop)
+        sch.transform_layout(stage, ("read", 0), _transposed)
+        sch.storage_align(line_block, _write_index(sch, line_block, stage), 2, _PAD_ALIGN, _PAD_OFFSET)
+
+
+def _write_index(sch, block, stage) -> int:
+    """Index, among the writes of ``block``, of the buffer that ``stage`` copies out."""
+    staged = sch.get(stage).reads[0].source
+    for index, region in enumerate(sch.get(block).writes):
+        if region.source.same_as(staged):
+            return index
+    raise ValueError("staged output not written by the line block")
 
 
 def schedule_forward(direction: str, dtype: str):
@@ -44,7 +72,7 @@ def schedule_forward(direction: str, dtype: str):
     b, c = sch.get_loops(sch.get_sblock("plane"))
     sch.parallel(sch.fuse(b, c))
     if is_column(direction):
-        _stage_column_tiles(sch, sch.get_sblock("line"), FORWARD_INPUTS)
+        _stage_column_tiles(sch, sch.get_sblock("line"), FORWARD_INPUTS, FORWARD_OUTPUTS)
     return sch.mod["main"]
 
 
@@ -54,5 +82,5 @@ def schedule_backward(direction: str, dtype: str):
     b, g = sch.get_loops(sch.get_sblock("slice"))
     sch.parallel(sch.fuse(b, g))
     if is_column(direction):
-        _stage_column_tiles(sch, sch.get_sblock("line"), BACKWARD_INPUTS)
+        _stage_column_tiles(sch, sch.get_sblock("line"), BACKWARD_INPUTS, BACKWARD_OUTPUTS)
     return sch.mod["main"]
