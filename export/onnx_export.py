@@ -18,6 +18,8 @@ import onnxscript
 import torch
 from onnx import TensorProto, helper
 
+from gspn_ref.shapes import nchw_dynamic_shapes
+
 from .portable import make_portable
 from .schema import DOMAIN, INPUT_NAMES, OP_TYPE, OP_VERSION, register_onnx_schema
 
@@ -30,20 +32,6 @@ _GSPN_OPSET = onnxscript.values.Opset(DOMAIN, OP_VERSION)
 def _translate_scan(x, lam, gl, gm, gr, direction: str, chunk: int = 0):
     """onnxscript translation of ``torch.ops.gspn.scan``: one GSPNScan node."""
     return _GSPN_OPSET.GSPNScan(x, lam, gl, gm, gr, direction=direction, chunk=chunk)
-
-
-def _dynamic_shapes(example_args: tuple) -> tuple:
-    """Batch and, for 4-D NCHW tensors, height and width are dynamic; channels stay static."""
-    dynamic = torch.export.Dim.DYNAMIC
-    specs = []
-    for arg in example_args:
-        if isinstance(arg, torch.Tensor) and arg.dim() == 4:
-            specs.append({0: dynamic, 2: dynamic, 3: dynamic})
-        elif isinstance(arg, torch.Tensor) and arg.dim() >= 1:
-            specs.append({0: dynamic})
-        else:
-            specs.append(None)
-    return tuple(specs)
 
 
 def _rename_symbolic_dims(model: onnx.ModelProto) -> None:
@@ -98,7 +86,7 @@ def to_onnx(
         args,
         dynamo=True,
         custom_translation_table={torch.ops.gspn.scan.default: _translate_scan},
-        dynamic_shapes=_dynamic_shapes(args) if dynamic else None,
+        dynamic_shapes=nchw_dynamic_shapes(args) if dynamic else None,
         opset_version=opset,
         optimize=True,
         verbose=False,

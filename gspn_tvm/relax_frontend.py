@@ -27,6 +27,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from tvm.runtime.params import save_param_dict_to_file
 from tvm.runtime.vm import VirtualMachine
 
+from gspn_ref.shapes import nchw_dynamic_shapes
 from gspn_ref.validation import validate_chunk, validate_direction
 
 from .compute import forward_name
@@ -287,24 +288,6 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target) -> CompiledModel:
     pipeline = cpu_pipeline(target) if target.kind.name == "llvm" else relax.get_default_pipeline(target)
     executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     return CompiledModel(executable, params.get("main", []), signature, target)
-
-
-def _dynamic_shapes(example_args: tuple) -> tuple:
-    """Batch, height and width of 4-D (NCHW) inputs dynamic, the batch of other tensors, channels fixed.
-
-    ``Dim.AUTO`` lets torch keep a dimension fixed where the model or the example requires it (an
-    example size of 1 is always fixed); the compiled signature then says so and calls check it.
-    """
-    dynamic = torch.export.Dim.AUTO
-    specs = []
-    for arg in example_args:
-        if isinstance(arg, torch.Tensor) and arg.dim() == 4:
-            specs.append({0: dynamic, 2: dynamic, 3: dynamic})
-        elif isinstance(arg, torch.Tensor) and arg.dim() >= 1:
-            specs.append({0: dynamic})
-        else:
-            specs.append(None)
-    return tuple(specs)
 
 
 def compile_model(
