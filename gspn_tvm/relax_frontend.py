@@ -308,7 +308,7 @@ def compile_model(
     target = _as_target(target)
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     if dynamic is True:
-        dynamic_shapes = _dynamic_shapes(args)
+        dynamic_shapes = nchw_dynamic_shapes(args, torch.export.Dim.AUTO)
     elif dynamic is False:
         dynamic_shapes = None
     else:
