@@ -66,21 +66,20 @@ def _write_index(sch, block, stage) -> int:
     raise ValueError("staged output not written by the line block")
 
 
-def schedule_forward(direction: str, dtype: str):
-    """Scheduled forward PrimFunc for ``direction`` and storage ``dtype``."""
-    sch = s_tir.Schedule(scan_forward(direction, dtype))
-    b, c = sch.get_loops(sch.get_sblock("plane"))
-    sch.parallel(sch.fuse(b, c))
+def _schedule(func, task_block: str, direction: str, inputs, outputs):
+    """Parallel over the tasks of ``task_block``; column scans staged through transposed tiles."""
+    sch = s_tir.Schedule(func)
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock(task_block))))
     if is_column(direction):
-        _stage_column_tiles(sch, sch.get_sblock("line"), FORWARD_INPUTS, FORWARD_OUTPUTS)
+        _stage_column_tiles(sch, sch.get_sblock("line"), inputs, outputs)
     return sch.mod["main"]
+
+
+def schedule_forward(direction: str, dtype: str):
+    """Scheduled forward PrimFunc for ``direction`` and storage ``dtype`` (one task per ``(b, c)``)."""
+    return _schedule(scan_forward(direction, dtype), "plane", direction, FORWARD_INPUTS, FORWARD_OUTPUTS)
 
 
 def schedule_backward(direction: str, dtype: str):
-    """Scheduled adjoint PrimFunc for ``direction`` and storage ``dtype``."""
-    sch = s_tir.Schedule(scan_backward(direction, dtype))
-    b, g = sch.get_loops(sch.get_sblock("slice"))
-    sch.parallel(sch.fuse(b, g))
-    if is_column(direction):
-        _stage_column_tiles(sch, sch.get_sblock("line"), BACKWARD_INPUTS, BACKWARD_OUTPUTS)
-    return sch.mod["main"]
+    """Scheduled adjoint PrimFunc for ``direction`` and storage ``dtype`` (one task per ``(b, g)``)."""
+    return _schedule(scan_backward(direction, dtype), "slice", direction, BACKWARD_INPUTS, BACKWARD_OUTPUTS)
