@@ -14,7 +14,6 @@ import torch
 from gspn_ref.benchmark import median_time
 
 
-
 @contextlib.contextmanager
 def _native_warnings_to(path: Path):
     """Send what native code (TVM's C++ logging) writes to stderr into ``path`` for the duration."""
@@ -39,7 +38,8 @@ def _timed(label: str, fn):
 
 
 def demo(out_dir: Path) -> None:
-    """Run the tiny classifier, show the operator in an exported graph, write the heatmaps."""
+    """Every capability on built-in inputs: the classifier, torch.export, heatmaps, ONNX Runtime,
+    TVM kernels and the Relax-compiled model; files go to ``out_dir``."""
     from gspn_ref import TinyGSPNClassifier
     from gspn_ref.visualize import affinity_heatmaps, synthetic_image
 
@@ -70,12 +70,12 @@ def demo(out_dir: Path) -> None:
     for name, path in paths.items():
         print(f"  {name:>10}: {path}")
 
-    demo_onnx(model, images, logits, out_dir)
+    demo_onnx(model, images, out_dir)
     demo_tvm(model, images, logits)
-    demo_relax(model, images, logits, out_dir)
+    demo_relax(model, images, out_dir)
 
 
-def demo_onnx(model, images, logits, out_dir: Path) -> None:
+def demo_onnx(model, images, out_dir: Path) -> None:
     """Export ``model`` both ways, run each in ONNX Runtime at another size, report agreement."""
     import onnx
     import onnxruntime as ort
@@ -127,7 +127,7 @@ def demo_tvm(model, images, logits) -> None:
     print(f"  max |TVM - reference| {(result - logits).abs().max().item():.2e}; input gradient norm {x.grad.norm():.4f}")
 
 
-def demo_relax(model, images, logits, out_dir: Path) -> None:
+def demo_relax(model, images, out_dir: Path) -> None:
     """Compile the whole classifier with TVM Relax, save it, run the artifact with the runtime alone."""
     import subprocess
 
