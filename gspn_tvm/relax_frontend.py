@@ -30,6 +30,7 @@ from tvm.runtime.vm import VirtualMachine
 from gspn_ref.shapes import nchw_dynamic_shapes
 from gspn_ref.validation import validate_chunk, validate_direction
 
+from .build import cpu_target
 from .compute import forward_name
 from .relax_cpu_schedule import cpu_pipeline
 from .runtime_loader import (
@@ -51,6 +52,11 @@ _TORCH_SPECIALIZATION_FLOOR = 2
 
 
 def _as_target(target: str | dict | tvm.target.Target) -> tvm.target.Target:
+    """``"llvm"`` (or ``{"kind": "llvm"}``) without an ``mcpu`` means this machine's CPU, as for the
+    scan kernels: a generic x86-64 build runs far slower (no AVX2/FMA). Name an ``mcpu`` (for
+    example ``{"kind": "llvm", "mcpu": "x86-64-v2"}``) to build an artifact for other machines."""
+    if target == "llvm" or (isinstance(target, dict) and target.get("kind") == "llvm" and "mcpu" not in target):
+        target = {**cpu_target(), **(target if isinstance(target, dict) else {})}
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     if target.kind.name not in SUPPORTED_TARGET_KINDS:
         raise ValueError(f"target: expected a target of kind {SUPPORTED_TARGET_KINDS}; got {target.kind.name!r}")
