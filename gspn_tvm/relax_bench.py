@@ -34,33 +34,26 @@ def _models(quick: bool):
 
 
 def _eager_runners(model, x) -> dict:
-    """Torch eager with the reference kernels and, when ``gspn_tvm.enable`` exists, with TVM kernels."""
-    import gspn_tvm
+    """Torch eager with the reference kernels and with the TVM kernels registered on gspn::scan."""
+    from . import registration
 
     def eager():
         with torch.no_grad():
             return model(x)
 
-    runners = {}
-    if hasattr(gspn_tvm, "disable"):
-        runners["torch eager (reference kernels)"] = lambda: (gspn_tvm.disable(), eager())
-        runners["torch eager (TVM kernels)"] = lambda: (gspn_tvm.enable(), eager())
-    else:
-        runners["torch eager (reference kernels)"] = eager
-    return runners
+    return {
+        "torch eager (reference kernels)": lambda: (registration.disable(), eager()),
+        "torch eager (TVM kernels)": lambda: (registration.enable(), eager()),
+    }
 
 
 def _onnx_runtime_runner(model, x, folder: Path):
-    """ONNX Runtime with the gspn custom-op library, or None when ``export`` cannot build it."""
-    try:
-        import export
+    """ONNX Runtime with the gspn custom-op library on the exported ``model``."""
+    import export
 
-        path = folder / "model.onnx"
-        export.to_onnx(model, (x,), path, mode="custom")
-        session = export.session(path, intra_op_num_threads=torch.get_num_threads())
-    except Exception as error:  # a missing ORT header or library makes this row absent, not the table
-        print(f"ONNX Runtime row skipped: {type(error).__name__}: {error}")
-        return None
+    path = folder / "model.onnx"
+    export.to_onnx(model, (x,), path, mode="custom")
+    session = export.session(path, intra_op_num_threads=torch.get_num_threads())
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
 
@@ -74,9 +67,7 @@ def run(quick: bool = False) -> list[dict]:
             runners = _eager_runners(model, x)
             compiled = compile_model(model, (x,))
             runners["TVM Relax (whole model)"] = lambda: compiled(x)
-            ort = _onnx_runtime_runner(model, x, Path(tmp) / str(index))
-            if ort is not None:
-                runners["ONNX Runtime (custom op)"] = ort
+            runners["ONNX Runtime (custom op)"] = _onnx_runtime_runner(model, x, Path(tmp) / str(index))
             seconds = {kernel: median_time(fn, repeat=repeat, warmup=2) for kernel, fn in runners.items()}
             baseline = seconds["torch eager (reference kernels)"]
             for kernel, s in seconds.items():
@@ -90,10 +81,9 @@ def run(quick: bool = False) -> list[dict]:
                         "speedup": round(baseline / s, 2),
                     }
                 )
-    import gspn_tvm
+    from . import registration
 
-    if hasattr(gspn_tvm, "disable"):
-        gspn_tvm.disable()
+    registration.disable()
     return rows
 
 
