@@ -5,6 +5,7 @@ PNG files are written with the standard library alone (zlib), so no plotting pac
 
 from __future__ import annotations
 
+import copy
 import struct
 import zlib
 from pathlib import Path
@@ -63,13 +64,14 @@ def affinity_heatmaps(layer: GSPN, image: torch.Tensor, position: tuple[int, int
     """Write one PNG per direction plus ``aggregated.png`` and ``panel.png`` (all side by side).
 
     ``image``: ``(1, layer.dim, H, W)``; ``position``: the output ``(row, col)`` whose affinity row
-    is drawn. Returns ``{name: path}``.
+    is drawn. Returns ``{name: path}``. ``layer`` itself is left as it was (dtype, parameters,
+    training mode): the float64 evaluation runs on a copy.
     """
     _, H, W = image.shape[1:]
     i, j = position
     if not (0 <= i < H and 0 <= j < W):
         raise ValueError(f"position: expected (row, col) inside ({H}, {W}); got {position}")
-    layer = layer.double().eval()
+    layer = copy.deepcopy(layer).double().eval()  # the caller's module keeps its dtype and mode
     total, maps = layer_affinity(layer, image.double(), channel, per_direction=True)
     n = i * W + j
     panels = {d: maps[k][0, n].reshape(H, W) for k, d in enumerate(layer.directions)}

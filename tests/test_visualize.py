@@ -40,3 +40,20 @@ def test_heatmaps_are_written_and_directional(tmp_path):
     assert (r2l[:, :j] == background).all() and not (r2l[:, j + 1 :] == background).all()
     panel = read_png(paths["panel"])
     assert panel.shape == (size, 5 * size + 4, 3)
+
+
+def test_heatmaps_leave_the_callers_layer_unchanged(tmp_path):
+    """The float64 evaluation runs on a copy: dtype, values, parameter objects and mode are the caller's."""
+    torch.manual_seed(1)
+    layer = GSPN(3, d_inner=4, d_proxy=2).train()
+    params = dict(layer.named_parameters())
+    before = {name: t.detach().clone() for name, t in layer.state_dict().items()}
+    affinity_heatmaps(layer, synthetic_image(6), (2, 3), tmp_path, scale=1)
+    assert layer.training, "the caller's layer was switched to eval mode"
+    assert dict(layer.named_parameters()) == params
+    after = layer.state_dict()
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype, f"{name}: dtype {value.dtype} became {after[name].dtype}"
+        assert torch.equal(after[name], value), f"{name}: values changed"
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
