@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.gspn-installed
-# CPU build of torch: an unpinned torch would pull a multi-GB CUDA build.
-TORCH  := torch==2.13.0
+# Exact versions (constraints.txt); torch first, so that the CPU build on disk is the one taken.
+PIN    := -c constraints.txt
 export HYPOTHESIS_PROFILE ?= ci
 
 .PHONY: setup ortops demo test bench clean
@@ -16,11 +16,11 @@ ortops: $(STAMP)
 	bash scripts/fetch_ort_headers.sh
 	$(PY) -m export.build
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet $(PIN) torch
+	$(PY) -m pip install --quiet $(PIN) -e '.[test]'
 	touch $(STAMP)
 
 demo: setup

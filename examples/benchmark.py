@@ -5,7 +5,7 @@
 
 import sys
 
-from export.cli import main
+from gspn.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,88 @@
+"""``gspn bench``: every table, printed, saved as one results file, and plotted."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import models, scans
+from .core import add_speedups, copy_bandwidth, describe, format_table, machine, row, save_results
+from .plot import plot_results
+
+COMPILE_COLUMNS = ["case", "backend", "ms", "extra"]
+
+
+def compile_rows(dtype: str = "float32") -> list[dict]:
+    """Table ``"compile"``: a fresh TVM scan library (compile + export) and its cached load."""
+    from gspn_tvm import build
+
+    saved = os.environ.get("GSPN_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["GSPN_CACHE_DIR"] = folder
+        try:
+            start = time.perf_counter()
+            build.load_scan_library("cpu", dtype)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            build.load_scan_library("cpu", dtype)
+            cached = time.perf_counter() - start
+        finally:
+            if saved is None:
+                os.environ.pop("GSPN_CACHE_DIR", None)
+            else:
+                os.environ["GSPN_CACHE_DIR"] = saved
+    case = f"TVM CPU scan library ({dtype}, 8 functions)"
+    return [row("compile", case, "first use (compile + cache)", first, dtype=dtype),
+            row("compile", case, "cached load", cached, dtype=dtype)]  # fmt: skip
+
+
+def soak_rows(quick: bool) -> list[dict]:
+    """Table ``"soak"``: resident-memory growth over many runs of each native boundary."""
+    from export import soak as ort_soak
+    from gspn_tvm import soak as tvm_soak
+
+    cycles = 200 if quick else 2000
+    rows = []
+    for name, result in (("ort-custom session cycles", ort_soak.run(cycles)),
+                         ("tvm-cpu kernel calls", tvm_soak.run(cycles))):  # fmt: skip
+        rows.append(row("soak", name, result.pop("backend", name.split()[0]), result.pop("seconds"), **result))
+    return rows
+
+
+def run(json_path: str | os.PathLike = "out/bench.json", quick: bool = False) -> dict:
+    """Run every benchmark, print the tables, save ``json_path`` and its plots; returns the payload."""
+    torch.manual_seed(0)
+    info = machine()
+    print(f"machine: {describe(info)}")
+    bandwidth = copy_bandwidth(1 << 26 if quick else 1 << 28)
+    print(f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
+    rows: list[dict] = []
+
+    print("\n== compile and cache")
+    rows += compile_rows()
+    print(format_table([r for r in rows if r["table"] == "compile"], COMPILE_COLUMNS))
+
+    print("\n== the scan per backend, against the reference and the memory floor")
+    rows += scans.run(quick=quick, bandwidth=bandwidth)
+    add_speedups(rows, "torch-reference")
+    print(format_table([r for r in rows if r["table"] == "scan"], scans.COLUMNS))
+
+    print("\n== layers and networks per backend (forward, float32)")
+    rows += models.run(quick=quick)
+    add_speedups(rows, "torch-reference")
+    print(format_table([r for r in rows if r["table"] == "model"], models.COLUMNS))
+
+    print("\n== resident memory over many runs")
+    rows += soak_rows(quick)
+    print(format_table([r for r in rows if r["table"] == "soak"], ["case", "backend", "ms", "extra"]))
+
+    payload = {"schema": None, "machine": info, "copy_GBps": round(bandwidth / 1e9, 2), "rows": rows}
+    path = save_results(json_path, rows, info, copy_GBps=payload["copy_GBps"], quick=quick)
+    for plot in plot_results(payload, path):
+        print(f"plot: {plot}")
+    print(f"saved {path}")
+    return payload
