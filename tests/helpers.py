@@ -88,3 +88,35 @@ def scan_cases(draw, max_side: int = 9, max_batch: int = 2):
     n_lines = line_count(direction, H, W)
     chunk = draw(st.one_of(st.just(0), st.integers(1, n_lines + 1)))
     return ScanCase(B, C, G, H, W, direction, chunk)
+
+
+def naive_scan_float64(x, lam, gl, gm, gr, direction: str, chunk: int = 0) -> torch.Tensor:
+    """SPEC section 2 written out element by element in float64: an oracle for every scan kernel.
+
+    ``x``, ``lam``: ``(B, C, H, W)``; ``gl``, ``gm``, ``gr``: ``(B, G, H, W)``. Returns float64
+    ``(B, C, H, W)``. Shares no code with ``gspn_ref`` (no scan, direction or affinity helper): one
+    Python loop over the lines in scan order and the positions along a line, out-of-range
+    neighbours skipped (their weights are never read).
+    """
+    x, lam, gl, gm, gr = (t.detach().to(device="cpu", dtype=torch.float64) for t in (x, lam, gl, gm, gr))
+    C, G = x.shape[1], gl.shape[1]
+    group_of_channel = [c // (C // G) for c in range(C)]
+    gl, gm, gr = (w[:, group_of_channel] for w in (gl, gm, gr))
+    columns = direction in ("l2r", "r2l")
+    if columns:  # make dim 2 the line index and dim 3 the position along a line
+        x, lam, gl, gm, gr = (t.transpose(2, 3) for t in (x, lam, gl, gm, gr))
+    n_lines, P = x.shape[2], x.shape[3]
+    order = list(range(n_lines)) if direction in ("t2b", "l2r") else list(range(n_lines - 1, -1, -1))
+    h = torch.zeros_like(x)
+    previous = None
+    for s, line in enumerate(order):
+        restart = s == 0 or (chunk > 0 and s % chunk == 0)
+        for p in range(P):
+            value = lam[:, :, line, p] * x[:, :, line, p]
+            if not restart:
+                for weight, q in ((gl, p - 1), (gm, p), (gr, p + 1)):
+                    if 0 <= q < P:
+                        value = value + weight[:, :, line, p] * h[:, :, previous, q]
+            h[:, :, line, p] = value
+        previous = line
+    return (h.transpose(2, 3) if columns else h).contiguous()

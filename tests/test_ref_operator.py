@@ -1,21 +1,91 @@
-"""The registered operator gspn::scan: kernel, fake kernel, autograd, compile, export, bad inputs."""
+"""The registered operator gspn::scan: kernel, fake kernel, autograd, compile, export, bad inputs.
 
+The operator's default kernel is the reference, so its values are held against oracles that share
+no code with it: the per-element float64 recurrence of SPEC section 2 (``naive_scan_float64``), the
+dense affinity matrix (a linear solve) and the original GSPN code's outputs (conformance vectors).
+"""
+
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from helpers import FLOAT_DTYPES, assert_close_scaled, make_scan_inputs, scan_cases
+from helpers import FLOAT_DTYPES, assert_close_scaled, make_scan_inputs, naive_scan_float64, scan_cases
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gspn_ref import DIRECTIONS, GSPN, gspn_scan, gspn_scan_ref
+from gspn_ref import DIRECTIONS, GSPN, affinity_matrix, gspn_scan, gspn_scan_ref, line_count
+
+CONFORMANCE = Path(__file__).resolve().parent / "data" / "official_l2r_vectors.npz"
 
 
 @given(case=scan_cases(), dtype=st.sampled_from(FLOAT_DTYPES))
-def test_operator_matches_reference(case, dtype):
+def test_operator_matches_spec_recurrence(case, dtype):
+    """gspn_scan in every dtype against SPEC section 2 evaluated element by element in float64."""
     B, C, G, H, W, direction, chunk = case
     args = make_scan_inputs(B, C, G, H, W, dtype, direction=direction)
     h = gspn_scan(*args, direction, chunk)
     assert h.dtype == dtype and h.shape == (B, C, H, W) and h.is_contiguous()
-    assert_close_scaled(h, gspn_scan_ref(*args, direction, chunk), dtype, case.n_lines)
+    assert_close_scaled(h, naive_scan_float64(*args, direction, chunk), dtype, case.n_lines)
+
+
+@pytest.mark.parametrize(
+    "shape, direction, chunk",
+    [((2, 4, 2, 4, 5), "t2b", 0), ((1, 3, 3, 5, 4), "b2t", 2), ((1, 2, 1, 3, 6), "l2r", 4), ((2, 2, 2, 6, 3), "r2l", 0),
+     ((1, 2, 1, 1, 7), "l2r", 0), ((1, 2, 2, 7, 1), "t2b", 3)],
+)  # fmt: skip
+def test_operator_matches_dense_affinity(shape, direction, chunk):
+    """SPEC section 2 matrix form: h == (I - M)^-1 diag(lam) x, M built position by position, one solve."""
+    B, C, G, H, W = shape
+    x, lam, gl, gm, gr = make_scan_inputs(B, C, G, H, W, torch.float64, seed=5, normalized=False, direction=direction)
+    h = gspn_scan(x, lam, gl, gm, gr, direction, chunk)
+    expected = (affinity_matrix(lam, gl, gm, gr, direction, chunk) @ x.flatten(2).unsqueeze(-1)).reshape(B, C, H, W)
+    assert_close_scaled(h, expected, torch.float64, line_count(direction, H, W))
+
+
+def test_operator_reproduces_the_original_code():
+    """The original GSPN code's l2r outputs (tests/data, float64): agreement better than 1e-9."""
+    data = np.load(CONFORMANCE)
+    for k in range(4):
+        x, lam, gl, gm, gr, expected = (torch.from_numpy(data[f"{k}_{n}"]) for n in ("x", "lam", "gl", "gm", "gr", "h"))
+        h = gspn_scan(x, lam, gl, gm, gr, "l2r", 0)
+        assert (h - expected).abs().max().item() < 1e-9, f"case {k} {tuple(x.shape)}"
+
+
+def test_oracles_agree():
+    """The test oracle itself: the element-wise recurrence equals the conformance vectors and the dense matrix."""
+    data = np.load(CONFORMANCE)
+    for k in range(4):
+        x, lam, gl, gm, gr, expected = (torch.from_numpy(data[f"{k}_{n}"]) for n in ("x", "lam", "gl", "gm", "gr", "h"))
+        assert (naive_scan_float64(x, lam, gl, gm, gr, "l2r") - expected).abs().max().item() < 1e-9
+    for direction in DIRECTIONS:
+        for chunk in (0, 2):
+            x, lam, gl, gm, gr = make_scan_inputs(1, 4, 2, 4, 5, torch.float64, seed=9, direction=direction)
+            dense = (affinity_matrix(lam, gl, gm, gr, direction, chunk) @ x.flatten(2).unsqueeze(-1)).reshape(x.shape)
+            torch.testing.assert_close(naive_scan_float64(x, lam, gl, gm, gr, direction, chunk), dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_weights_without_a_neighbour_are_never_read(direction, chunk):
+    """SPEC section 2: a term whose neighbour is outside the line is zero whatever its weight holds."""
+    B, C, G, H, W = 1, 4, 2, 5, 6
+    x, lam, gl, gm, gr = make_scan_inputs(B, C, G, H, W, torch.float32, seed=11, direction=direction)
+    expected = naive_scan_float64(x, lam, gl, gm, gr, direction, chunk)
+    first, last = ((..., 0, slice(None)), (..., -1, slice(None))) if direction in ("l2r", "r2l") else ((..., 0), (..., -1))
+    gl, gr = gl.clone(), gr.clone()
+    gl[first], gr[last] = float("inf"), float("nan")
+    # Lines that start a segment have no predecessor: none of their weights is read either.
+    n_lines = line_count(direction, H, W)
+    starts = [s for s in range(n_lines) if s == 0 or (chunk and s % chunk == 0)]
+    for s in starts:
+        line = n_lines - 1 - s if direction in ("b2t", "r2l") else s
+        where = (..., line) if direction in ("l2r", "r2l") else (..., line, slice(None))
+        for w in (gl, gm, gr):
+            w[where] = float("inf")
+    h = gspn_scan(x, lam, gl, gm, gr, direction, chunk)
+    assert torch.isfinite(h).all()
+    assert_close_scaled(h, expected, torch.float32, n_lines)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
