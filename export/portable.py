@@ -25,6 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from gspn_ref.directions import is_column, is_reversed, segment_starts
+from gspn_ref.validation import validate_chunk, validate_direction
+
 from .schema import DOMAIN, OP_TYPE, register_onnx_schema
 
 MIN_OPSET = 18  # the opset the expansion is written against (Shape with start/end, Pad-18)
@@ -105,17 +108,17 @@ def _expand_node(
     node: onnx.NodeProto, elem_type: int, prefix: str, static_lines: int | None
 ) -> list[onnx.NodeProto]:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    direction = attrs["direction"].decode() if isinstance(attrs.get("direction"), bytes) else None
-    chunk = int(attrs.get("chunk", 0))
-    if direction not in ("t2b", "b2t", "l2r", "r2l"):
-        raise ValueError(f"{node.name}: attribute 'direction' must be t2b, b2t, l2r or r2l; got {attrs.get('direction')!r}")
-    if chunk < 0:
-        raise ValueError(f"{node.name}: attribute 'chunk' must be >= 0; got {chunk}")
+    direction = attrs.get("direction")
+    try:
+        direction = validate_direction(direction.decode() if isinstance(direction, bytes) else direction)
+        chunk = validate_chunk(attrs.get("chunk", 0))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{node.name}: attribute {error}") from error
     if elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
         raise ValueError(f"{node.name}: input 'x' must be float32 or float16; got {TensorProto.DataType.Name(elem_type)}")
     if len(node.input) != 5 or len(node.output) != 1:
         raise ValueError(f"{node.name}: expected 5 inputs and 1 output; got {len(node.input)} and {len(node.output)}")
-    column, reversed_ = direction in ("l2r", "r2l"), direction in ("b2t", "r2l")
+    column, reversed_ = is_column(direction), is_reversed(direction)
     perm, inverse = (_COL_PERM, _COL_INVERSE) if column else (_ROW_PERM, _ROW_INVERSE)
 
     e = _Emitter(prefix)
@@ -150,7 +153,7 @@ def _expand_node(
         results: list[str] = []
         for s in range(static_lines):
             h_s = line_of(u_lines, s)
-            if not (s == 0 or (chunk > 0 and s % chunk == 0)):
+            if not segment_starts(s, chunk):
                 weights = (line_of(w, s) for w in (wl_lines, wm_lines, wr_lines))
                 h_s = _propagate(e, results[-1], h_s, *weights)
             results.append(h_s)
@@ -177,7 +180,7 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 def _static_line_count(value_type: onnx.TypeProto, direction: str, name: str) -> int:
     dims = value_type.tensor_type.shape.dim if value_type is not None else []
-    axis = 3 if direction in ("l2r", "r2l") else 2
+    axis = 3 if is_column(direction) else 2
     if len(dims) != 4 or not dims[axis].HasField("dim_value"):
         raise ValueError(
             f"unroll=True needs a static number of lines: input '{name}' of a {direction} scan "

@@ -10,11 +10,7 @@ from __future__ import annotations
 import onnx
 import onnx.defs
 
-DOMAIN = "gspn"
-OP_TYPE = "GSPNScan"
-OP_VERSION = 1
-INPUT_NAMES = ("x", "lam", "gl", "gm", "gr")
-DIRECTIONS = ("t2b", "b2t", "l2r", "r2l")  # the values of the ``direction`` attribute
+from gspn_ref.onnx_op import CHUNK_DEFAULT, DIRECTION_VALUES, DOMAIN, INPUT_NAMES, OP_TYPE, OP_VERSION, OUTPUT_NAMES
 
 _DOC = (
     "GSPN line scan h = gspn_scan(x, lam, gl, gm, gr, direction, chunk). x, lam: (B, C, H, W); "
@@ -40,11 +36,11 @@ def _make_schema() -> onnx.defs.OpSchema:
         OP_VERSION,
         _DOC,
         inputs=[param(name, "T", shapes[name]) for name in INPUT_NAMES],
-        outputs=[param("h", "T", "(B, C, H, W)")],
+        outputs=[param(OUTPUT_NAMES[0], "T", "(B, C, H, W)")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float32 or float16")],
         attributes=[
-            attribute("direction", onnx.defs.OpSchema.AttrType.STRING, "t2b, b2t, l2r or r2l"),
-            attribute("chunk", onnx.helper.make_attribute("chunk", 0), "0: global, k: restart every k lines"),
+            attribute("direction", onnx.defs.OpSchema.AttrType.STRING, ", ".join(DIRECTION_VALUES)),
+            attribute("chunk", onnx.helper.make_attribute("chunk", CHUNK_DEFAULT), "0: global, k: restart every k lines"),
         ],
     )
     schema.set_type_and_shape_inference_function(_infer_output)
