@@ -9,7 +9,10 @@
 
 #include <atomic>
 #include <cstdint>
+#include <algorithm>
 #include <exception>
+#include <memory>
+#include <new>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -65,15 +68,102 @@ struct ScanAttributes {
   int64_t chunk = 0;
 };
 
-// Reads and validates the node attributes `direction` (string, required) and `chunk` (int,
-// default 0, >= 0).
+// A value as it can be quoted in a message: printable ASCII kept, every other byte (NUL, control,
+// non-UTF-8) as \xHH, long values cut. ONNX Runtime passes messages to Python as UTF-8, so a raw
+// byte 0xff in a message would turn a clear error into a decoding error.
+std::string Quote(const std::string& value) {
+  constexpr size_t kMaxShown = 40;
+  static const char* const kHex = "0123456789abcdef";
+  std::string quoted = "'";
+  for (size_t i = 0; i < value.size() && i < kMaxShown; ++i) {
+    const unsigned char byte = static_cast<unsigned char>(value[i]);
+    if (byte >= 0x20 && byte < 0x7f && byte != '\\' && byte != '\'') {
+      quoted += static_cast<char>(byte);
+    } else {
+      quoted += "\\x";
+      quoted += kHex[byte >> 4];
+      quoted += kHex[byte & 0xf];
+    }
+  }
+  quoted += "'";
+  if (value.size() > kMaxShown) quoted += " (" + std::to_string(value.size()) + " bytes)";
+  return quoted;
+}
+
+// The type of a node attribute. The API has no call that returns it, so it is probed with each
+// typed getter. The array getters of ONNX Runtime 1.21+ accept a present attribute of any type
+// (reading no elements), and every getter fails for a missing one; an attribute counts as missing
+// only when every getter fails and ONNX Runtime's message says so, so that a runtime behaving
+// differently makes the node an error, never silently use a default.
+enum class AttributeType { kAbsent, kInt, kFloat, kString, kInts, kFloats, kTensor, kOther };
+
+const char* AttributeTypeName(AttributeType type) {
+  switch (type) {
+    case AttributeType::kAbsent: return "no attribute";
+    case AttributeType::kInt: return "an int";
+    case AttributeType::kFloat: return "a float";
+    case AttributeType::kString: return "a string";
+    case AttributeType::kInts: return "a list of ints";
+    case AttributeType::kFloats: return "a list of floats";
+    case AttributeType::kTensor: return "a tensor";
+    default: return "an attribute of another type (an empty list, strings, a graph, ...)";
+  }
+}
+
+AttributeType ProbeAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
+  const auto succeeded = [&api](OrtStatus* status) {
+    if (status == nullptr) return true;
+    api.ReleaseStatus(status);
+    return false;
+  };
+  size_t size = 0;
+  float as_float = 0.0f;
+  int64_t as_int = 0;
+  if (succeeded(api.KernelInfoGetAttribute_string(info, name, nullptr, &size))) {
+    return AttributeType::kString;
+  }
+  if (succeeded(api.KernelInfoGetAttribute_float(info, name, &as_float))) {
+    return AttributeType::kFloat;
+  }
+  OrtAllocator* allocator = nullptr;
+  if (succeeded(api.GetAllocatorWithDefaultOptions(&allocator))) {
+    OrtValue* tensor = nullptr;
+    if (succeeded(api.KernelInfoGetAttribute_tensor(info, name, allocator, &tensor))) {
+      api.ReleaseValue(tensor);
+      return AttributeType::kTensor;
+    }
+  }
+  size_t int_count = 0, float_count = 0;
+  const bool ints_read =
+      succeeded(api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &int_count));
+  const bool floats_read =
+      succeeded(api.KernelInfoGetAttributeArray_float(info, name, nullptr, &float_count));
+  if (ints_read && int_count > 0) return AttributeType::kInts;
+  if (floats_read && float_count > 0) return AttributeType::kFloats;
+  OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, &as_int);
+  if (status == nullptr) return AttributeType::kInt;
+  const std::string message = api.GetErrorMessage(status);
+  api.ReleaseStatus(status);
+  const bool reported_missing = message.find("No attribute with name") != std::string::npos;
+  return !ints_read && !floats_read && reported_missing ? AttributeType::kAbsent
+                                                        : AttributeType::kOther;
+}
+
+// Reads and validates the node attributes `direction` (string, required, exactly one of t2b,
+// b2t, l2r, r2l) and `chunk` (int, default 0, >= 0). An attribute present with another type is an
+// error, never read as its default.
 OrtStatusPtr ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, ScanAttributes* out) {
+  constexpr const char* kDirectionExpected =
+      "attribute 'direction' must be a string, one of 't2b', 'b2t', 'l2r', 'r2l'; ";
   size_t size = 0;
   if (OrtStatus* status = api.KernelInfoGetAttribute_string(info, "direction", nullptr, &size)) {
     api.ReleaseStatus(status);
-    return InvalidArgument(
-        "attribute 'direction' is required: expected a string, one of t2b, b2t, l2r, r2l; "
-        "the node has no string attribute of that name");
+    const AttributeType type = ProbeAttribute(api, info, "direction");
+    if (type == AttributeType::kAbsent) {
+      return InvalidArgument(std::string(kDirectionExpected) +
+                             "it is required and the node has none");
+    }
+    return InvalidArgument(std::string(kDirectionExpected) + "got " + AttributeTypeName(type));
   }
   std::string direction(size, '\0');
   if (OrtStatus* status =
@@ -81,52 +171,65 @@ OrtStatusPtr ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, ScanAt
     return status;
   }
   direction.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
-  if (!ParseDirection(direction.c_str(), &out->direction)) {
-    return InvalidArgument("attribute 'direction' must be one of t2b, b2t, l2r, r2l; got '" +
-                           direction + "'");
+  if (!ParseDirection(direction.data(), direction.size(), &out->direction)) {
+    return InvalidArgument(std::string(kDirectionExpected) + "got " + Quote(direction));
   }
 
   int64_t chunk = 0;
   if (OrtStatus* status = api.KernelInfoGetAttribute_int64(info, "chunk", &chunk)) {
     api.ReleaseStatus(status);
-    // Absent means the default 0; present with another type is an error.
-    float as_float = 0.0f;
-    size_t string_size = 0;
-    OrtStatus* float_status = api.KernelInfoGetAttribute_float(info, "chunk", &as_float);
-    OrtStatus* string_status =
-        api.KernelInfoGetAttribute_string(info, "chunk", nullptr, &string_size);
-    const bool present_with_other_type = float_status == nullptr || string_status == nullptr;
-    if (float_status) api.ReleaseStatus(float_status);
-    if (string_status) api.ReleaseStatus(string_status);
-    if (present_with_other_type) {
-      return InvalidArgument("attribute 'chunk' must be an int (>= 0); got another type");
+    const AttributeType type = ProbeAttribute(api, info, "chunk");
+    if (type != AttributeType::kAbsent) {  // absent means the default 0
+      return InvalidArgument(
+          std::string("attribute 'chunk' must be an int >= 0 (0: global propagation); got ") +
+          AttributeTypeName(type));
     }
     chunk = 0;
   }
   if (chunk < 0) {
-    return InvalidArgument("attribute 'chunk' must be >= 0 (0: global propagation); got " +
-                           std::to_string(chunk));
+    return InvalidArgument(
+        "attribute 'chunk' must be an int >= 0 (0: global propagation); got " +
+        std::to_string(chunk));
   }
   out->chunk = chunk;
   return nullptr;
 }
 
+// Work of one call, split into tasks of adjacent (b, c) planes. Each task allocates its own
+// bounded scratch and frees it before returning: nothing outlives the call.
 struct ScanJob {
   ScanGeometry geometry;
   const void* inputs[kInputCount];
   void* output;
+  int64_t planes = 0;
+  int64_t tasks = 0;
+  size_t scratch_floats = 0;
   std::atomic<bool> out_of_memory{false};
 };
 
+// Enough tasks to balance any intra-op thread count; few enough that their scratch allocations
+// cost nothing next to the planes they scan.
+constexpr int64_t kMaxTasks = 64;
+
 template <typename T>
-void RunPlane(void* user_data, size_t plane) {
+void RunTask(void* user_data, size_t task) {
   ScanJob& job = *static_cast<ScanJob*>(user_data);
-  const bool ok = ScanPlane<T>(
-      job.geometry, static_cast<int64_t>(plane), static_cast<const T*>(job.inputs[0]),
-      static_cast<const T*>(job.inputs[1]), static_cast<const T*>(job.inputs[2]),
-      static_cast<const T*>(job.inputs[3]), static_cast<const T*>(job.inputs[4]),
-      static_cast<T*>(job.output));
-  if (!ok) job.out_of_memory.store(true, std::memory_order_relaxed);
+  const int64_t first = static_cast<int64_t>(task) * job.planes / job.tasks;
+  const int64_t last = (static_cast<int64_t>(task) + 1) * job.planes / job.tasks;
+  std::unique_ptr<float[]> scratch;
+  if (job.scratch_floats > 0) {
+    scratch.reset(new (std::nothrow) float[job.scratch_floats]);
+    if (!scratch) {
+      job.out_of_memory.store(true, std::memory_order_relaxed);
+      return;
+    }
+  }
+  for (int64_t plane = first; plane < last; ++plane) {
+    ScanPlane<T>(job.geometry, plane, static_cast<const T*>(job.inputs[0]),
+                 static_cast<const T*>(job.inputs[1]), static_cast<const T*>(job.inputs[2]),
+                 static_cast<const T*>(job.inputs[3]), static_cast<const T*>(job.inputs[4]),
+                 static_cast<T*>(job.output), scratch.get());
+  }
 }
 
 class GSPNScanKernel {
@@ -232,14 +335,16 @@ class GSPNScanKernel {
     Ort::UnownedValue output = context.GetOutput(0, x_shape);
     job.output = output.GetTensorMutableRawData();
 
-    const size_t planes = static_cast<size_t>(x_shape[0] * x_shape[1]);
-    if (types[0] == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-      context.ParallelFor(&RunPlane<float>, planes, 0, &job);
-    } else {
-      context.ParallelFor(&RunPlane<Half>, planes, 0, &job);
-    }
+    const bool half = types[0] == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    job.planes = x_shape[0] * x_shape[1];
+    job.tasks = std::min(job.planes, kMaxTasks);
+    job.scratch_floats = ScratchFloats(job.geometry, half);
+    context.ParallelFor(half ? &RunTask<Half> : &RunTask<float>, static_cast<size_t>(job.tasks),
+                        0, &job);
     if (job.out_of_memory.load()) {
-      return MakeError(ORT_FAIL, "out of memory allocating the per-thread line buffers");
+      return MakeError(ORT_FAIL, "out of memory allocating " +
+                                     std::to_string(job.scratch_floats * sizeof(float)) +
+                                     " bytes of scan scratch");
     }
     return nullptr;
   }

@@ -4,9 +4,9 @@
 // rows, so each line update is a contiguous, vectorizable loop over the W positions, reading the
 // previous line from the output itself (float32) or from a float32 line buffer (float16).
 // A column scan (l2r, r2l) walks columns, which are strided in memory. It is processed in strips
-// of kStripLines adjacent columns: the strip is transposed into a float32 scratch (lines become
-// contiguous), scanned with the same vectorized line update, and transposed back. Only the last
-// line of a strip is carried to the next one.
+// of up to kMaxStripLines adjacent columns: the strip is transposed into a float32 scratch (lines
+// become contiguous), scanned with the same vectorized line update, and transposed back. Only the
+// last line of a strip is carried to the next one. Scratch is the caller's (see ScratchFloats).
 #include "gspn_scan_kernel.h"
 
 #include <algorithm>
@@ -21,18 +21,31 @@
 
 namespace gspn {
 
-bool ParseDirection(const char* name, Direction* direction) {
-  if (name == nullptr) return false;
-  if (std::strcmp(name, "t2b") == 0) { *direction = Direction::kTopToBottom; return true; }
-  if (std::strcmp(name, "b2t") == 0) { *direction = Direction::kBottomToTop; return true; }
-  if (std::strcmp(name, "l2r") == 0) { *direction = Direction::kLeftToRight; return true; }
-  if (std::strcmp(name, "r2l") == 0) { *direction = Direction::kRightToLeft; return true; }
+bool ParseDirection(const char* name, size_t length, Direction* direction) {
+  if (name == nullptr || length != 3) return false;
+  const auto is = [&](const char* candidate) { return std::memcmp(name, candidate, 3) == 0; };
+  if (is("t2b")) { *direction = Direction::kTopToBottom; return true; }
+  if (is("b2t")) { *direction = Direction::kBottomToTop; return true; }
+  if (is("l2r")) { *direction = Direction::kLeftToRight; return true; }
+  if (is("r2l")) { *direction = Direction::kRightToLeft; return true; }
   return false;
 }
 
 namespace {
 
-constexpr int64_t kStripLines = 16;
+constexpr int64_t kMaxStripLines = 16;
+
+// Columns per strip of a column scan: 16 (two 8x8 transpose tiles) unless the six H-long
+// float32 strip buffers would exceed kMaxStripScratchBytes, then fewer, at least one.
+int64_t StripLines(const ScanGeometry& g) {
+  const int64_t per_column = 6 * g.height * static_cast<int64_t>(sizeof(float));
+  const int64_t fitting = static_cast<int64_t>(kMaxStripScratchBytes) / per_column;
+  return std::max<int64_t>(1, std::min({kMaxStripLines, fitting, g.width}));
+}
+
+bool IsRowScan(Direction direction) {
+  return direction == Direction::kTopToBottom || direction == Direction::kBottomToTop;
+}
 
 // ---- float16 <-> float32 -------------------------------------------------------------------
 
@@ -220,25 +233,6 @@ struct Plane {
   T* h;
 };
 
-// Scratch reused by every plane a thread processes.
-std::vector<float>& ThreadScratch() {
-  thread_local std::vector<float> scratch;
-  return scratch;
-}
-
-bool ReserveScratch(size_t count, float** data) {
-  std::vector<float>& scratch = ThreadScratch();
-  if (scratch.size() < count) {
-    try {
-      scratch.resize(count);
-    } catch (const std::bad_alloc&) {
-      return false;
-    }
-  }
-  *data = scratch.data();
-  return true;
-}
-
 // Row scans of a float32 plane: every line is a contiguous row, the previous line is read back
 // from the output.
 void RowScanFloat(const ScanGeometry& g, const Plane<float>& plane) {
@@ -259,10 +253,8 @@ void RowScanFloat(const ScanGeometry& g, const Plane<float>& plane) {
 }
 
 // Row scans of a float16 plane: each row is widened to float32 line buffers first.
-bool RowScanHalf(const ScanGeometry& g, const Plane<Half>& plane) {
+void RowScanHalf(const ScanGeometry& g, const Plane<Half>& plane, float* scratch) {
   const int64_t H = g.height, W = g.width;
-  float* scratch = nullptr;
-  if (!ReserveScratch(static_cast<size_t>(7 * W), &scratch)) return false;
   float* x = scratch;
   float* lam = x + W;
   float* gl = lam + W;
@@ -286,18 +278,15 @@ bool RowScanHalf(const ScanGeometry& g, const Plane<Half>& plane) {
     FloatLineToHalf(out, plane.h + offset, W);
     std::swap(prev, out);
   }
-  return true;
 }
 
-// Column scans: strips of kStripLines columns are transposed into float32 scratch so that each
+// Column scans: strips of StripLines(g) columns are transposed into float32 scratch so that each
 // column (a line of length H) is contiguous.
 template <typename T>
-bool ColumnScan(const ScanGeometry& g, const Plane<T>& plane) {
+void ColumnScan(const ScanGeometry& g, const Plane<T>& plane, float* scratch) {
   const int64_t H = g.height, W = g.width;
-  const int64_t strip = std::min(kStripLines, W);
+  const int64_t strip = StripLines(g);
   const size_t block = static_cast<size_t>(strip * H);
-  float* scratch = nullptr;
-  if (!ReserveScratch(6 * block + static_cast<size_t>(H), &scratch)) return false;
   float* xs = scratch;
   float* lams = xs + block;
   float* gls = lams + block;
@@ -332,14 +321,18 @@ bool ColumnScan(const ScanGeometry& g, const Plane<T>& plane) {
     std::memcpy(carry, prev, static_cast<size_t>(H) * sizeof(float));
     TransposeBlock(hs, H, plane.h + j0, W, n, H);
   }
-  return true;
 }
 
 }  // namespace
 
+size_t ScratchFloats(const ScanGeometry& g, bool half_precision) {
+  if (IsRowScan(g.direction)) return half_precision ? static_cast<size_t>(7 * g.width) : 0;
+  return static_cast<size_t>((6 * StripLines(g) + 1) * g.height);
+}
+
 template <typename T>
-bool ScanPlane(const ScanGeometry& g, int64_t plane_index, const T* x, const T* lam, const T* gl,
-               const T* gm, const T* gr, T* h) {
+void ScanPlane(const ScanGeometry& g, int64_t plane_index, const T* x, const T* lam, const T* gl,
+               const T* gm, const T* gr, T* h, float* scratch) {
   const int64_t plane_size = g.height * g.width;
   const int64_t b = plane_index / g.channels;
   const int64_t c = plane_index % g.channels;
@@ -348,20 +341,18 @@ bool ScanPlane(const ScanGeometry& g, int64_t plane_index, const T* x, const T* 
   const int64_t weight_offset = (b * g.groups + group) * plane_size;
   const Plane<T> plane{x + data_offset,   lam + data_offset, gl + weight_offset,
                        gm + weight_offset, gr + weight_offset, h + data_offset};
-  const bool row_scan =
-      g.direction == Direction::kTopToBottom || g.direction == Direction::kBottomToTop;
-  if (!row_scan) return ColumnScan(g, plane);
-  if constexpr (std::is_same_v<T, float>) {
+  if (!IsRowScan(g.direction)) {
+    ColumnScan(g, plane, scratch);
+  } else if constexpr (std::is_same_v<T, float>) {
     RowScanFloat(g, plane);
-    return true;
   } else {
-    return RowScanHalf(g, plane);
+    RowScanHalf(g, plane, scratch);
   }
 }
 
-template bool ScanPlane<float>(const ScanGeometry&, int64_t, const float*, const float*,
-                               const float*, const float*, const float*, float*);
-template bool ScanPlane<Half>(const ScanGeometry&, int64_t, const Half*, const Half*, const Half*,
-                              const Half*, const Half*, Half*);
+template void ScanPlane<float>(const ScanGeometry&, int64_t, const float*, const float*,
+                               const float*, const float*, const float*, float*, float*);
+template void ScanPlane<Half>(const ScanGeometry&, int64_t, const Half*, const Half*, const Half*,
+                              const Half*, const Half*, Half*, float*);
 
 }  // namespace gspn

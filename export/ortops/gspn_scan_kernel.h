@@ -1,6 +1,7 @@
 // CPU kernel of the GSPN scan (SPEC.md section 2), independent of ONNX Runtime.
 //
-// The caller validates shapes; this code assumes a consistent ScanGeometry.
+// The caller validates shapes; this code assumes a consistent ScanGeometry (every size >= 1,
+// G divides C).
 #pragma once
 
 #include <cstddef>
@@ -10,8 +11,9 @@ namespace gspn {
 
 enum class Direction { kTopToBottom, kBottomToTop, kLeftToRight, kRightToLeft };
 
-// Parses "t2b", "b2t", "l2r", "r2l"; returns false for anything else.
-bool ParseDirection(const char* name, Direction* direction);
+// Parses exactly "t2b", "b2t", "l2r", "r2l" (length-checked: "t2b\0junk" is not "t2b");
+// returns false for anything else.
+bool ParseDirection(const char* name, size_t length, Direction* direction);
 
 struct ScanGeometry {
   int64_t batch = 0;     // B
@@ -28,11 +30,19 @@ struct Half {
   uint16_t bits;
 };
 
+// Float32 scratch (in elements) that ScanPlane needs for planes of `geometry`: 0 for float32 row
+// scans, 7 W for float16 row scans, (6 S + 1) H for column scans, where the strip width S (1 to 16
+// columns) is chosen so that 6 S H floats stay within kMaxStripScratchBytes. So a worker never
+// needs more than max(kMaxStripScratchBytes + 4 H, 28 max(H, W)) bytes, whatever B and C are.
+constexpr size_t kMaxStripScratchBytes = size_t{4} << 20;
+size_t ScratchFloats(const ScanGeometry& geometry, bool half_precision);
+
 // Computes the scan of one (b, c) plane, `plane` in [0, B*C). x, lam, h: (B, C, H, W);
-// gl, gm, gr: (B, G, H, W), all dense row-major. Accumulates in float32.
-// Returns false only when scratch memory could not be allocated.
+// gl, gm, gr: (B, G, H, W), all dense row-major; offsets are computed in 64 bits. Accumulates in
+// float32. `scratch` holds at least ScratchFloats(geometry, T is Half) floats, owned by the
+// caller (the kernel keeps no memory between calls).
 template <typename T>
-bool ScanPlane(const ScanGeometry& geometry, int64_t plane, const T* x, const T* lam,
-               const T* gl, const T* gm, const T* gr, T* h);
+void ScanPlane(const ScanGeometry& geometry, int64_t plane, const T* x, const T* lam,
+               const T* gl, const T* gm, const T* gr, T* h, float* scratch);
 
 }  // namespace gspn

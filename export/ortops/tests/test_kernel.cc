@@ -1,0 +1,318 @@
+// Unit tests of the CPU scan kernel (gspn_scan_kernel.cc) without ONNX Runtime: the kernel
+// against a naive recurrence written here from SPEC.md section 2, on small and odd shapes, tall
+// column scans whose strips are narrowed by the scratch bound, and planes whose element offset
+// is beyond 2**31 (in sparse, never-touched virtual memory).
+//
+// Built and run by tests/test_ortops_cpp.py:
+//   g++ -std=c++17 -O2 -I export/ortops export/ortops/tests/test_kernel.cc
+//       export/ortops/gspn_scan_kernel.cc -o test_kernel && ./test_kernel
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gspn_scan_kernel.h"
+
+namespace {
+
+using gspn::Direction;
+using gspn::Half;
+using gspn::ScanGeometry;
+
+int failures = 0;
+
+#define CHECK(condition, ...)                                   \
+  do {                                                          \
+    if (!(condition)) {                                         \
+      ++failures;                                               \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);                        \
+      std::fprintf(stderr, "\n");                               \
+    }                                                           \
+  } while (0)
+
+const char* Name(Direction d) {
+  switch (d) {
+    case Direction::kTopToBottom: return "t2b";
+    case Direction::kBottomToTop: return "b2t";
+    case Direction::kLeftToRight: return "l2r";
+    default: return "r2l";
+  }
+}
+const Direction kDirections[] = {Direction::kTopToBottom, Direction::kBottomToTop,
+                                 Direction::kLeftToRight, Direction::kRightToLeft};
+
+// binary16 bits -> float, written independently of the kernel's conversions.
+float Decode(uint16_t bits) {
+  const int sign = bits >> 15, exponent = (bits >> 10) & 0x1f, mantissa = bits & 0x3ff;
+  double value;
+  if (exponent == 0) {
+    value = std::ldexp(mantissa, -24);
+  } else if (exponent == 31) {
+    value = mantissa ? NAN : INFINITY;
+  } else {
+    value = std::ldexp(1024 + mantissa, exponent - 25);
+  }
+  return static_cast<float>(sign ? -value : value);
+}
+
+// A random binary16 value with exponent field in [lo, hi] (so the value is exactly known).
+uint16_t RandomHalf(std::mt19937& rng, int lo, int hi, bool allow_negative) {
+  const int exponent = std::uniform_int_distribution<int>(lo, hi)(rng);
+  const int mantissa = std::uniform_int_distribution<int>(0, 1023)(rng);
+  const int sign = allow_negative ? std::uniform_int_distribution<int>(0, 1)(rng) : 0;
+  return static_cast<uint16_t>((sign << 15) | (exponent << 10) | mantissa);
+}
+
+// Inputs of one (B, C, G, H, W) problem, as binary16 bits and as the floats they hold. Data in
+// [-2, 2), weights in [1/32, 1/4) so that every weight row sums below 1 (no overflow in float16).
+struct Problem {
+  ScanGeometry g;
+  std::vector<uint16_t> bits[5];
+  std::vector<float> values[5];
+};
+
+Problem MakeProblem(int64_t B, int64_t C, int64_t G, int64_t H, int64_t W, Direction d,
+                    int64_t chunk, unsigned seed) {
+  Problem p;
+  p.g.batch = B, p.g.channels = C, p.g.groups = G, p.g.height = H, p.g.width = W;
+  p.g.direction = d, p.g.chunk = chunk;
+  std::mt19937 rng(seed);
+  for (int k = 0; k < 5; ++k) {
+    const int64_t count = (k < 2 ? C : G) * B * H * W;
+    p.bits[k].resize(count);
+    p.values[k].resize(count);
+    for (int64_t i = 0; i < count; ++i) {
+      p.bits[k][i] = k < 2 ? RandomHalf(rng, 13, 15, true) : RandomHalf(rng, 10, 12, false);
+      p.values[k][i] = Decode(p.bits[k][i]);
+    }
+  }
+  return p;
+}
+
+// SPEC section 2, one (b, c) plane at a time, in double, straight from the definition.
+std::vector<double> Naive(const ScanGeometry& g, const std::vector<float>* v) {
+  const int64_t H = g.height, W = g.width, C = g.channels, G = g.groups;
+  const bool rows = g.direction == Direction::kTopToBottom || g.direction == Direction::kBottomToTop;
+  const bool reversed = g.direction == Direction::kBottomToTop || g.direction == Direction::kRightToLeft;
+  const int64_t lines = rows ? H : W, length = rows ? W : H;
+  std::vector<double> h(static_cast<size_t>(g.batch * C * H * W));
+  for (int64_t b = 0; b < g.batch; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t data = (b * C + c) * H * W, weights = (b * G + c / (C / G)) * H * W;
+      auto at = [&](int64_t line, int64_t p) { return rows ? line * W + p : p * W + line; };
+      for (int64_t s = 0; s < lines; ++s) {
+        const int64_t line = reversed ? lines - 1 - s : s;
+        const int64_t previous = reversed ? line + 1 : line - 1;
+        const bool restart = s == 0 || (g.chunk > 0 && s % g.chunk == 0);
+        for (int64_t p = 0; p < length; ++p) {
+          const int64_t i = at(line, p);
+          double value = double(v[1][data + i]) * v[0][data + i];
+          if (!restart) {
+            value += double(v[3][weights + i]) * h[data + at(previous, p)];
+            if (p > 0) value += double(v[2][weights + i]) * h[data + at(previous, p - 1)];
+            if (p + 1 < length) value += double(v[4][weights + i]) * h[data + at(previous, p + 1)];
+          }
+          h[data + i] = value;
+        }
+      }
+    }
+  }
+  return h;
+}
+
+template <typename T>
+std::vector<float> RunKernel(const Problem& p) {
+  const T* in[5];
+  std::vector<T> storage[5];
+  for (int k = 0; k < 5; ++k) {
+    if constexpr (std::is_same_v<T, float>) {
+      in[k] = p.values[k].data();
+    } else {
+      storage[k].resize(p.bits[k].size());
+      for (size_t i = 0; i < storage[k].size(); ++i) storage[k][i] = Half{p.bits[k][i]};
+      in[k] = storage[k].data();
+    }
+  }
+  std::vector<T> h(p.values[0].size());
+  std::vector<float> scratch(gspn::ScratchFloats(p.g, std::is_same_v<T, Half>) + 1, NAN);
+  for (int64_t plane = 0; plane < p.g.batch * p.g.channels; ++plane) {
+    gspn::ScanPlane<T>(p.g, plane, in[0], in[1], in[2], in[3], in[4], h.data(), scratch.data());
+  }
+  std::vector<float> out(h.size());
+  for (size_t i = 0; i < h.size(); ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = h[i];
+    } else {
+      out[i] = Decode(h[i].bits);
+    }
+  }
+  return out;
+}
+
+void Compare(const std::vector<float>& actual, const std::vector<double>& expected, double rtol,
+             const std::string& what) {
+  double scale = 1e-30, worst = 0;
+  for (double e : expected) scale = std::max(scale, std::abs(e));
+  int64_t bad = 0;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const double diff = std::abs(actual[i] - expected[i]);
+    if (!(diff <= rtol * (std::abs(expected[i]) + scale))) ++bad;  // NaN counts as bad
+    if (diff > worst || std::isnan(diff)) worst = diff;
+  }
+  CHECK(bad == 0, "%s: %lld of %zu elements differ, max |diff| %.3g, scale %.3g", what.c_str(),
+        static_cast<long long>(bad), expected.size(), worst, scale);
+}
+
+std::string Describe(const ScanGeometry& g, const char* type) {
+  char text[160];
+  std::snprintf(text, sizeof(text), "%s (B,C,G,H,W)=(%lld,%lld,%lld,%lld,%lld) %s chunk=%lld",
+                type, (long long)g.batch, (long long)g.channels, (long long)g.groups,
+                (long long)g.height, (long long)g.width, Name(g.direction), (long long)g.chunk);
+  return text;
+}
+
+void CheckProblem(const Problem& p) {
+  const std::vector<double> expected = Naive(p.g, p.values);
+  Compare(RunKernel<float>(p), expected, 1e-5, Describe(p.g, "float32"));
+  Compare(RunKernel<Half>(p), expected, 2e-3, Describe(p.g, "float16"));
+}
+
+void TestSmallShapes() {
+  const int64_t shapes[][5] = {{1, 1, 1, 1, 1},  {1, 1, 1, 1, 7},  {1, 1, 1, 7, 1},
+                               {2, 4, 2, 5, 6},  {1, 6, 3, 9, 17}, {2, 3, 1, 17, 9},
+                               {1, 2, 2, 33, 40}, {1, 1, 1, 3, 100}, {1, 1, 1, 100, 3}};
+  const int64_t chunks[] = {0, 1, 3, 8, int64_t{1} << 40};
+  unsigned seed = 1;
+  for (const auto& s : shapes) {
+    for (Direction d : kDirections) {
+      for (int64_t chunk : chunks) {
+        CheckProblem(MakeProblem(s[0], s[1], s[2], s[3], s[4], d, chunk, seed++));
+      }
+    }
+  }
+}
+
+// Tall column scans: 16 strip columns would need more than kMaxStripScratchBytes, so the strips
+// narrow (to 3 columns for H = 50000); the scratch stays within the stated bound.
+void TestTallColumnsAndScratchBound() {
+  for (Direction d : {Direction::kLeftToRight, Direction::kRightToLeft}) {
+    CheckProblem(MakeProblem(1, 1, 1, 50000, 20, d, 7, 99));
+  }
+  for (int64_t H : {int64_t{1}, int64_t{1000}, int64_t{50000}, int64_t{1} << 22}) {
+    for (int64_t W : {int64_t{1}, int64_t{17}, int64_t{1} << 20}) {
+      for (Direction d : kDirections) {
+        for (bool half : {false, true}) {
+          ScanGeometry g;
+          g.batch = g.channels = g.groups = 1, g.height = H, g.width = W, g.direction = d;
+          const double bytes = 4.0 * static_cast<double>(gspn::ScratchFloats(g, half));
+          const double bound = std::max(double(gspn::kMaxStripScratchBytes) + 4.0 * H,
+                                        28.0 * std::max(H, W));
+          CHECK(bytes <= bound, "%s: scratch %.0f bytes > bound %.0f",
+                Describe(g, half ? "float16" : "float32").c_str(), bytes, bound);
+        }
+      }
+    }
+  }
+}
+
+// One plane at element offset >= 2**31 in (B, C, H, W) = (1, 2**15 + 1, 256, 256) tensors. The
+// tensors are reserved, not allocated (MAP_NORESERVE: only the pages of the planes used are ever
+// touched), so this needs a few hundred kilobytes of memory.
+template <typename T>
+T* Reserve(size_t count) {
+  void* memory = mmap(nullptr, count * sizeof(T), PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (memory == MAP_FAILED) {
+    std::perror("mmap");
+    std::exit(2);
+  }
+  return static_cast<T*>(memory);
+}
+
+template <typename T>
+void TestOffsetsBeyond2To31() {
+  const int64_t C = (int64_t{1} << 15) + 1, H = 256, W = 256, plane = H * W;
+  const size_t total = static_cast<size_t>(C * plane);  // 2**31 + 2**16 elements
+  Problem small = MakeProblem(1, 1, 1, H, W, Direction::kTopToBottom, 0, 7);
+  T* data[2] = {Reserve<T>(total), Reserve<T>(total)};
+  T* h = Reserve<T>(total);
+  std::vector<T> weights[3];
+  const int64_t last = C - 1;  // element offset last * plane = 2**31
+  for (int k = 0; k < 5; ++k) {
+    for (int64_t i = 0; i < plane; ++i) {
+      T value;
+      if constexpr (std::is_same_v<T, float>) {
+        value = small.values[k][i];
+      } else {
+        value = Half{small.bits[k][i]};
+      }
+      if (k < 2) {
+        data[k][last * plane + i] = value;
+      } else {
+        weights[k - 2].push_back(value);
+      }
+    }
+  }
+  for (Direction d : kDirections) {
+    small.g.direction = d;
+    ScanGeometry g = small.g;
+    g.channels = C;
+    std::vector<float> scratch(gspn::ScratchFloats(g, std::is_same_v<T, Half>) + 1);
+    gspn::ScanPlane<T>(g, last, data[0], data[1], weights[0].data(), weights[1].data(),
+                       weights[2].data(), h, scratch.data());
+    std::vector<float> actual(static_cast<size_t>(plane));
+    for (int64_t i = 0; i < plane; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        actual[i] = h[last * plane + i];
+      } else {
+        actual[i] = Decode(h[last * plane + i].bits);
+      }
+    }
+    const std::string what = std::string("plane at offset 2**31, ") +
+                             Describe(g, std::is_same_v<T, float> ? "float32" : "float16");
+    Compare(actual, Naive(small.g, small.values), std::is_same_v<T, float> ? 1e-5 : 2e-3, what);
+    // Nothing may have been written at the 32-bit wrapped offset (plane 0).
+    bool plane0_untouched = true;
+    for (int64_t i = 0; i < plane; ++i) {
+      T zero{};
+      plane0_untouched &= std::memcmp(&h[i], &zero, sizeof(T)) == 0;
+    }
+    CHECK(plane0_untouched, "%s: plane 0 was written", what.c_str());
+  }
+  for (T* memory : {data[0], data[1], h}) munmap(memory, total * sizeof(T));
+}
+
+void TestParseDirection() {
+  Direction d = Direction::kTopToBottom;
+  CHECK(gspn::ParseDirection("r2l", 3, &d) && d == Direction::kRightToLeft, "r2l");
+  CHECK(gspn::ParseDirection("b2t", 3, &d) && d == Direction::kBottomToTop, "b2t");
+  CHECK(!gspn::ParseDirection("t2b\0junk", 8, &d), "t2b\\0junk accepted");
+  CHECK(!gspn::ParseDirection("t2b", 4, &d), "t2b with its NUL accepted");
+  CHECK(!gspn::ParseDirection("T2B", 3, &d), "T2B accepted");
+  CHECK(!gspn::ParseDirection("", 0, &d), "empty accepted");
+  CHECK(!gspn::ParseDirection(nullptr, 3, &d), "null accepted");
+}
+
+}  // namespace
+
+int main() {
+  TestParseDirection();
+  TestSmallShapes();
+  TestTallColumnsAndScratchBound();
+  TestOffsetsBeyond2To31<float>();
+  TestOffsetsBeyond2To31<Half>();
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all kernel checks passed\n");
+  return 0;
+}

@@ -1,0 +1,71 @@
+"""C++ unit tests of the ONNX Runtime operator's scan kernel, independent of ONNX Runtime.
+
+Compiles ``export/ortops/tests/test_kernel.cc`` with the kernel source and runs it: the kernel
+against a naive recurrence, scratch bounds, and planes at element offsets beyond 2**31. Built
+twice: with the instruction-set flags the library is built with (AVX2/F16C paths where the CPU
+has them) and for the x86-64 baseline with sanitizers (scalar paths, out-of-bounds and undefined
+behaviour caught).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from export import build
+
+SOURCE_DIR = Path(build.__file__).resolve().parent / "ortops"
+TEST_SOURCE = SOURCE_DIR / "tests" / "test_kernel.cc"
+KERNEL_SOURCE = SOURCE_DIR / "gspn_scan_kernel.cc"
+
+
+def library_arch_flags() -> list[str]:
+    """The -march flags export.build compiles the library with."""
+    for name in ("arch_flags", "_arch_flags"):
+        function = getattr(build, name, None)
+        if callable(function):
+            return list(function())
+    return []
+
+
+def compiler() -> str:
+    name = os.environ.get("CXX", "g++")
+    if shutil.which(name) is None:
+        pytest.fail(f"C++ compiler {name!r} not found: the project needs a C++17 compiler (set CXX)")
+    return name
+
+
+def build_and_run(tmp_path: Path, flags: list[str]) -> subprocess.CompletedProcess:
+    binary = tmp_path / "test_kernel"
+    command = [compiler(), "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", *flags,
+               f"-I{SOURCE_DIR}", str(TEST_SOURCE), str(KERNEL_SOURCE), "-o", str(binary)]  # fmt: skip
+    compiled = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert compiled.returncode == 0, " ".join(command) + "\n" + compiled.stderr[-4000:]
+    return subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+
+
+def sanitizers_available(tmp_path: Path) -> bool:
+    probe = tmp_path / "probe.cc"
+    probe.write_text("int main() { return 0; }\n")
+    result = subprocess.run([compiler(), "-fsanitize=address,undefined", str(probe), "-o", str(tmp_path / "probe")],
+                            capture_output=True, text=True)  # fmt: skip
+    return result.returncode == 0
+
+
+def test_kernel_with_library_flags(tmp_path):
+    result = build_and_run(tmp_path, library_arch_flags())
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}{result.stderr[-4000:]}"
+    assert "all kernel checks passed" in result.stdout
+
+
+def test_kernel_baseline_with_sanitizers(tmp_path):
+    flags = ["-fno-omit-frame-pointer"]
+    if sanitizers_available(tmp_path):
+        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    result = build_and_run(tmp_path, flags)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}{result.stderr[-4000:]}"
+    assert "all kernel checks passed" in result.stdout
