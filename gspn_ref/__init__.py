@@ -2,7 +2,8 @@
 
 ``gspn_scan_ref`` and ``gspn_scan_backward_ref`` are the pure-PyTorch reference (SPEC sections 2, 4);
 ``gspn_scan`` calls the registered operator ``torch.ops.gspn.scan``, whose kernels other backends
-may replace; ``GSPN`` is the layer of SPEC section 6.
+may replace; ``GSPN`` is the layer of SPEC section 6. ``gspn_ref.models`` (imported on first use) holds
+the paper's classification networks GSPN-T/S/B, weight-compatible with the original code.
 """
 
 from .affinity import affinity_matrix, propagation_matrix
@@ -14,6 +15,15 @@ from .scan import accumulation_dtype, gspn_scan_backward_ref, gspn_scan_ref
 from .validation import SUPPORTED_DTYPES, validate_scan_args
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``gspn_ref.models`` on first access, so that ``import gspn_ref`` stays cheap.
+    if name == "models":
+        import importlib
+
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DIRECTIONS",

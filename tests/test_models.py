@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shlex
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -456,3 +457,24 @@ def test_torch_compile_fullgraph_equals_eager(tiny16, vectors):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), tiny16(x), rtol=1e-6, atol=1e-6)
         assert _max_error(compiled(x), vectors["logits"]) <= FLOAT32_ATOL["logits"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    kwargs = dict(num_classes=4, embed_dim=8, depths=[1, 1, 1, 1], d_state=4, drop_path_rate=0.0)
+    plain = gspn_tiny(**kwargs).train()
+    checkpointed = gspn_tiny(use_checkpoint=True, **kwargs).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    assert all(b.use_checkpoint for s in checkpointed.layers for b in s.blocks)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for model in (plain, checkpointed):
+        model(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_import_gspn_ref_stays_cheap_and_exposes_models_lazily():
+    code = (
+        "import sys, gspn_ref; assert 'gspn_ref.models' not in sys.modules; "
+        "assert gspn_ref.models.gspn_tiny is sys.modules['gspn_ref.models'].gspn_tiny"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
