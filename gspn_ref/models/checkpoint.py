@@ -14,6 +14,7 @@ function outside the allow-list is ever called. Anything else is refused with
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import os
 import pickle
@@ -65,6 +66,7 @@ def _plain(value):
     return value
 
 
+@functools.lru_cache(maxsize=1)
 def _allowed_globals() -> dict[str, Any]:
     allowed: dict[str, Any] = {
         "collections.OrderedDict": collections.OrderedDict,
