@@ -16,6 +16,11 @@ def count_scans(model: onnx.ModelProto) -> int:
     return sum(node.domain == "gspn" and node.op_type == "GSPNScan" for node in model.graph.node)
 
 
+def scans_in(module: torch.nn.Module) -> int:
+    """One scan per direction of every GSPN layer of ``module``."""
+    return sum(len(m.directions) for m in module.modules() if isinstance(m, gspn_ref.GSPN))
+
+
 @pytest.fixture(scope="module")
 def layer():
     torch.manual_seed(0)
@@ -45,16 +50,16 @@ def classifier_models(classifier, tmp_path_factory):
     return folder, custom, portable
 
 
-def test_layer_exports_one_custom_node_per_scan(layer_models):
+def test_layer_exports_one_custom_node_per_scan(layer, layer_models):
     path, custom, portable = layer_models
     onnx.checker.check_model(onnx.load(path), full_check=True)
-    assert count_scans(custom) == 4
+    assert count_scans(custom) == scans_in(layer) == len(gspn_ref.DIRECTIONS)
     directions = sorted(onnx.helper.get_attribute_value(a).decode() for n in custom.graph.node
                         if n.op_type == "GSPNScan" for a in n.attribute if a.name == "direction")  # fmt: skip
     assert directions == sorted(gspn_ref.DIRECTIONS)
     chunks = {onnx.helper.get_attribute_value(a) for n in custom.graph.node
               if n.op_type == "GSPNScan" for a in n.attribute if a.name == "chunk"}  # fmt: skip
-    assert chunks == {3}
+    assert chunks == {layer.chunk}
     assert count_scans(portable) == 0
     onnx.checker.check_model(portable, full_check=True)
     # Dynamic batch and spatial sizes, static channels, and shapes carried on the scan outputs.
@@ -62,7 +67,7 @@ def test_layer_exports_one_custom_node_per_scan(layer_models):
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 8, "height", "width"]
     scan_outputs = {n.output[0] for n in custom.graph.node if n.op_type == "GSPNScan"}
     shaped = [v for v in custom.graph.value_info if v.name in scan_outputs]
-    assert len(shaped) == 4 and all(len(v.type.tensor_type.shape.dim) == 4 for v in shaped)
+    assert len(shaped) == scans_in(layer) and all(len(v.type.tensor_type.shape.dim) == 4 for v in shaped)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 16, 16), (1, 8, 17, 45), (3, 8, 1, 5), (1, 8, 9, 1)])
@@ -82,7 +87,7 @@ def test_layer_runs_at_other_sizes_both_ways(layer, layer_models, shape):
 @pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 24, 40), (3, 3, 8, 16)])
 def test_classifier_runs_at_other_sizes_both_ways(classifier, classifier_models, shape):
     folder, custom, portable = classifier_models
-    assert count_scans(custom) == 8 and count_scans(portable) == 0
+    assert count_scans(custom) == scans_in(classifier) and count_scans(portable) == 0
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
     with torch.no_grad():
         expected = classifier(x).numpy()
