@@ -296,6 +296,11 @@ def structure_cases() -> list[Case]:
             if dtype is not None:
                 cast[name] = feeds[name].astype(dtype)
             cases.append(Case(f"declared-{name}-{type_name}", model, cast, words=[f"({name})", "GSPNScan"]))
+    for name in INPUT_NAMES[1:]:  # with declared shapes, ONNX Runtime's type inference refuses it
+        model = export.scan_model("t2b", 0)
+        model.graph.input[INPUT_NAMES.index(name)].type.tensor_type.elem_type = TensorProto.FLOAT16
+        cases.append(Case(f"shaped-declared-{name}-float16", model, {**feeds, name: feeds[name].astype(np.float16)},
+                          words=["GSPNScan", "no kernel def matches"]))  # fmt: skip
     for name in INPUT_NAMES:  # the model says float32, the feed is something else
         for dtype in (np.float64, np.float16, np.int32):
             cases.append(Case(f"fed-{name}-{np.dtype(dtype).name}", free_model(),
@@ -531,8 +536,10 @@ LARGE_SOURCE = textwrap.dedent(
 LARGE_PEAK_BOUND_BYTES = 6 * 2**30
 
 
-@pytest.mark.parametrize("direction", ["t2b", "l2r"])
-def test_element_count_beyond_2_31_uses_64_bit_offsets(direction):
+def test_element_count_beyond_2_31_uses_64_bit_offsets():
+    # One row scan through ONNX Runtime (about 9 s on 2 cores); column scans at offsets beyond
+    # 2**31 are checked at no memory cost by the C++ kernel test (tests/test_ortops_cpp.py).
+    direction = "t2b"
     script = LARGE_SOURCE.format(root=str(Path(__file__).resolve().parent.parent))
     result = subprocess.run([sys.executable, "-c", script, direction], capture_output=True, text=True,
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
