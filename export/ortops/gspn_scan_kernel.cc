@@ -35,8 +35,9 @@ namespace {
 
 constexpr int64_t kMaxStripLines = 16;
 
-// Columns per strip of a column scan: 16 (two 8x8 transpose tiles) unless the six H-long
-// float32 strip buffers would exceed kMaxStripScratchBytes, then fewer, at least one.
+// Columns per strip of a column scan: 16 (two 8x8 transpose tiles, and a whole 64-byte cache
+// line of each float32 row read; narrower strips read every line twice) unless the six H-long
+// float32 strip buffers would exceed kMaxStripScratchBytes (H > 21845), then fewer, at least one.
 int64_t StripLines(const ScanGeometry& g) {
   const int64_t per_column = 6 * g.height * static_cast<int64_t>(sizeof(float));
   const int64_t fitting = static_cast<int64_t>(kMaxStripScratchBytes) / per_column;

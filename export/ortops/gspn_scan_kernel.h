@@ -34,7 +34,7 @@ struct Half {
 // scans, 7 W for float16 row scans, (6 S + 1) H for column scans, where the strip width S (1 to 16
 // columns) is chosen so that 6 S H floats stay within kMaxStripScratchBytes. So a worker never
 // needs more than max(kMaxStripScratchBytes + 4 H, 28 max(H, W)) bytes, whatever B and C are.
-constexpr size_t kMaxStripScratchBytes = size_t{4} << 20;
+constexpr size_t kMaxStripScratchBytes = size_t{8} << 20;
 size_t ScratchFloats(const ScanGeometry& geometry, bool half_precision);
 
 // Computes the scan of one (b, c) plane, `plane` in [0, B*C). x, lam, h: (B, C, H, W);

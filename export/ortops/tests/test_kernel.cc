@@ -201,7 +201,7 @@ void TestSmallShapes() {
 }
 
 // Tall column scans: 16 strip columns would need more than kMaxStripScratchBytes, so the strips
-// narrow (to 3 columns for H = 50000); the scratch stays within the stated bound.
+// narrow (to 6 columns for H = 50000); the scratch stays within the stated bound.
 void TestTallColumnsAndScratchBound() {
   for (Direction d : {Direction::kLeftToRight, Direction::kRightToLeft}) {
     CheckProblem(MakeProblem(1, 1, 1, 50000, 20, d, 7, 99));
