@@ -7,10 +7,12 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 
 import export
-from export.cli import quiet_known_warnings
+import export.cli
+import gspn.cli
 from gspn_ref import GSPN, TinyGSPNClassifier
 
 LEAFSPEC_MESSAGE = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead."
@@ -18,7 +20,7 @@ LEAFSPEC_MESSAGE = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinsta
 
 def test_demo_runs_every_step(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "export.cli", "demo", "--out", str(tmp_path)],
+        [sys.executable, "-m", "gspn.cli", "demo", "--out", str(tmp_path)],  # what `gspn demo` runs
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -39,13 +41,14 @@ def test_demo_runs_every_step(tmp_path):
         assert (tmp_path / name).is_file(), name
 
 
-def test_only_the_named_warnings_are_silenced():
+@pytest.mark.parametrize("cli", [gspn.cli, export.cli], ids=["gspn.cli", "export.cli"])
+def test_only_the_named_warnings_are_silenced(cli):
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            quiet_known_warnings()
+            cli.quiet_known_warnings()
             warnings.warn_explicit(LEAFSPEC_MESSAGE, FutureWarning, "/usr/lib/python3.11/copyreg.py", 105, module="copyreg")
             warnings.warn_explicit("`isinstance(x, Other)` is deprecated", FutureWarning, "copyreg.py", 105, module="copyreg")
             warnings.warn_explicit(LEAFSPEC_MESSAGE, FutureWarning, "layer.py", 1, module="gspn_ref.layer")
@@ -75,7 +78,7 @@ def test_the_named_warning_is_real_and_silenced(tmp_path):
             export.to_onnx(layer, (x,), tmp_path / "a.onnx")
         with warnings.catch_warnings(record=True) as filtered:
             warnings.simplefilter("always")
-            quiet_known_warnings()
+            gspn.cli.quiet_known_warnings()
             export.to_onnx(layer, (x,), tmp_path / "b.onnx")
     finally:
         onnx_logger.setLevel(level)
