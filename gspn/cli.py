@@ -24,6 +24,8 @@ KNOWN_HARMLESS_WARNINGS = (
 def quiet_known_warnings() -> None:
     """Silence :data:`KNOWN_HARMLESS_WARNINGS` only, and the ONNX exporter's log lines about optional
     packages (torchvision) that the demo does not use."""
+    import torch  # noqa: F401  (torch configures its loggers on import; set the level after that)
+
     for category, message, module in KNOWN_HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
