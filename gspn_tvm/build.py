@@ -5,14 +5,26 @@ directions (8 functions; every shape is symbolic). Libraries live under
 
     $GSPN_CACHE_DIR (default ~/.cache/gspn/tvm) / <tvm version> / <target hash> / <kernel hash> / <dtype>.so
 
-where the kernel hash covers the source of the compute definition and of the target's schedule, so
-editing either makes old entries unreachable (stale entries are never loaded). Writes go to a
-temporary file in the same folder and are published with ``os.replace``: two processes compiling at
-once both end with a complete library. An entry that fails to load is rebuilt in place.
+The target hash covers the resolved CPU target (:mod:`gspn_tvm.isa`: a level such as
+``x86-64-v3`` chosen from the features the OS reports), so a cache shared between machines never
+hands one machine another's code. The kernel hash covers the source of the compute definition and
+of the target's schedule, so editing either makes old entries unreachable.
+
+Each entry has a checksum file beside it, ``<dtype>.so.sha256`` (JSON: the sha256 of the library
+and the device, dtype, target and kernel hash it was built for). A library is loaded only after its
+bytes match that record: a truncated or corrupt file is never handed to the dynamic loader (that
+would kill the process with SIGBUS or SIGSEGV). An entry that fails the check, or loads without the
+scan functions, is rebuilt with a logged warning. Writers hold a lock file per entry, compile, load
+the library they just wrote to a private temporary file, then publish it with ``os.replace`` and
+write the checksum file the same way: concurrent processes compile once and never see half a file.
+Where the cache cannot be written (read-only, not a folder, a folder in the entry's place) the
+compiled library is used from a private temporary file, with one warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import json
@@ -26,7 +38,7 @@ import tvm
 
 from gspn_ref.directions import DIRECTIONS
 
-from . import compute
+from . import compute, isa
 from .schedules import cpu as cpu_schedule
 from .schedules import cuda as cuda_schedule
 
@@ -35,22 +47,25 @@ logger = logging.getLogger(__name__)
 DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULES = {"cpu": cpu_schedule, "cuda": cuda_schedule}
 CUDA_ARCH = os.environ.get("GSPN_CUDA_ARCH", "sm_90")
+CHECKSUM_SUFFIX = ".sha256"
 
 #: Seconds spent in the last compile and the last cached load, per ``(device, dtype)``.
 timings: dict[tuple[str, str], dict[str, float]] = {}
 
 
 def cpu_target() -> dict:
-    """LLVM target for this machine's CPU (its own instruction set, e.g. AVX-512 where present)."""
-    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    """LLVM target for this machine: the x86-64 level its reported features allow (:mod:`gspn_tvm.isa`)."""
+    return isa.llvm_target()
 
 
 def cuda_target(arch: str = CUDA_ARCH) -> dict:
-    """CUDA target for ``arch`` (default ``sm_90``, the H100), host code for this CPU's LLVM."""
+    """CUDA target for ``arch`` (default ``sm_90``, the H100); host code for LLVM's generic CPU."""
     return {"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}}
 
 
 def target_for(device: str) -> dict:
+    if device not in SCHEDULES:
+        raise ValueError(f"device: expected one of {tuple(SCHEDULES)}; got {device!r}")
     return cpu_target() if device == "cpu" else cuda_target()
 
 
@@ -67,9 +82,29 @@ def kernel_hash(device: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def target_key(target: dict) -> str:
+    return hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cache_path(device: str, dtype: str) -> Path:
-    target_key = hashlib.sha256(json.dumps(target_for(device), sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / tvm.__version__ / target_key / kernel_hash(device) / f"{dtype}.so"
+    """Where the library for ``device``/``dtype`` and this machine's resolved target is cached."""
+    return cache_root() / tvm.__version__ / target_key(target_for(device)) / kernel_hash(device) / f"{dtype}.so"
+
+
+def checksum_path(path: Path) -> Path:
+    """The checksum file beside the cache entry ``path``."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def entry_record(device: str, dtype: str) -> dict:
+    """What an entry for ``device``/``dtype`` must have been built for (its checksum file, less sha256)."""
+    return {"device": device, "dtype": dtype, "target": target_for(device), "kernel": kernel_hash(device),
+            "tvm": tvm.__version__}  # fmt: skip
+
+
+def function_names() -> list[str]:
+    """The 8 functions of a scan library: forward and adjoint for every direction."""
+    return [name(direction) for direction in DIRECTIONS for name in (compute.forward_name, compute.backward_name)]
 
 
 def scan_module(device: str, dtype: str) -> tvm.IRModule:
@@ -95,17 +130,109 @@ def compile_scan(device: str, dtype: str):
         return tvm.compile(scan_module(device, dtype), target=tvm.target.Target(target_for(device)))
 
 
-def export_atomically(executable, path: Path) -> None:
-    """Write ``executable`` as a shared library at ``path`` via a temporary file and ``os.replace``."""
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_atomically(executable, path: Path, record: dict | None = None):
+    """Write ``executable`` as a library at ``path`` (temporary file + ``os.replace``), then its
+    checksum file; returns the library loaded from the bytes just written (never from ``path``,
+    which another process may replace meanwhile). Raises OSError where the folder is not writable."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".so", dir=path.parent)
     os.close(fd)
     try:
         executable.export_library(tmp)
+        digest = sha256_of(tmp)
+        library = tvm.runtime.load_module(tmp)
         os.replace(tmp, path)
+        write_atomically(checksum_path(path), json.dumps({**(record or {}), "sha256": digest}, sort_keys=True))
+        return library
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def load_from_memory(executable):
+    """The library of ``executable`` loaded without the cache (a private temporary file, removed)."""
+    with tempfile.TemporaryDirectory(prefix="gspn-tvm-") as folder:
+        file = os.path.join(folder, "scan.so")
+        executable.export_library(file)
+        return tvm.runtime.load_module(file)
+
+
+def verify_entry(path: Path, record: dict) -> str | None:
+    """Why the cache entry ``path`` may not be loaded (None: its bytes match its checksum file).
+
+    Only reads files: nothing is loaded before the check passes.
+    """
+    if not path.is_file():
+        return f"{path.name} is not a regular file"
+    try:
+        stored = json.loads(checksum_path(path).read_text())
+    except FileNotFoundError:
+        return "no checksum file beside it"
+    except (OSError, ValueError) as error:
+        return f"unreadable checksum file ({error})"
+    if not isinstance(stored, dict):
+        return "malformed checksum file"
+    for field, want in record.items():
+        if stored.get(field) != want:
+            return f"built for {field}={stored.get(field)!r}, not {want!r}"
+    try:
+        digest = sha256_of(path)
+    except OSError as error:
+        return f"unreadable ({error})"
+    if digest != stored.get("sha256"):
+        return "its bytes do not match its checksum (truncated or corrupt)"
+    return None
+
+
+def _load_entry(path: Path, record: dict):
+    """``(library, None)`` for a verified entry; ``(None, reason)`` otherwise (``reason`` None: no entry)."""
+    if not path.exists() and not path.is_symlink():
+        return None, None
+    problem = verify_entry(path, record)
+    if problem is not None:
+        return None, problem
+    try:
+        library = tvm.runtime.load_module(str(path))
+    except RuntimeError as error:
+        return None, f"not loadable ({error})"
+    missing = [name for name in function_names() if not library.implements_function(name, True)]
+    if missing:
+        return None, f"a library without the scan functions ({', '.join(missing[:2])}...)"
+    return library, None
+
+
+@contextlib.contextmanager
+def _entry_lock(path: Path):
+    """Exclusive lock of the cache entry ``path`` (none where its folder cannot be written)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.parent / f".{path.name}.lock", "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def load_scan_library(device: str, dtype: str):
@@ -113,21 +240,27 @@ def load_scan_library(device: str, dtype: str):
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}; got {dtype!r}")
     path = cache_path(device, dtype)
+    record = entry_record(device, dtype)
     key = (device, dtype)
-    if path.exists():
-        start = time.perf_counter()
-        try:
-            library = tvm.runtime.load_module(str(path))
-            library[compute.forward_name(DIRECTIONS[0])]  # a truncated file fails here, not later
-            timings.setdefault(key, {})["load_s"] = time.perf_counter() - start
-            return library
-        except Exception as error:  # corrupt or foreign entry: rebuild it
-            logger.warning("gspn_tvm: rebuilding unreadable cache entry %s (%s)", path, error)
     start = time.perf_counter()
-    executable = compile_scan(device, dtype)
-    timings.setdefault(key, {})["compile_s"] = time.perf_counter() - start
-    export_atomically(executable, path)
-    start = time.perf_counter()
-    library = tvm.runtime.load_module(str(path))
-    timings[key]["load_s"] = time.perf_counter() - start
+    library, problem = _load_entry(path, record)
+    if library is None:
+        with _entry_lock(path):
+            library, problem = _load_entry(path, record)  # another process may have built it meanwhile
+            if library is None:
+                if problem is not None:
+                    logger.warning("gspn_tvm: cache entry %s is unusable (%s); rebuilding it", path, problem)
+                start = time.perf_counter()
+                executable = compile_scan(device, dtype)
+                timings.setdefault(key, {})["compile_s"] = time.perf_counter() - start
+                start = time.perf_counter()
+                try:
+                    library = export_atomically(executable, path, record)
+                except OSError as error:
+                    logger.warning(
+                        "gspn_tvm: cannot write the kernel cache at %s (%s); using the compiled kernels "
+                        "without caching them (set GSPN_CACHE_DIR to a writable folder)", path, error,
+                    )  # fmt: skip
+                    library = load_from_memory(executable)
+    timings.setdefault(key, {})["load_s"] = time.perf_counter() - start
     return library

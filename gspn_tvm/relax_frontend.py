@@ -30,7 +30,7 @@ from tvm.runtime.vm import VirtualMachine
 from gspn_ref.shapes import nchw_dynamic_shapes
 from gspn_ref.validation import validate_chunk, validate_direction
 
-from .build import cpu_target
+from . import isa
 from .compute import forward_name
 from .relax_cpu_schedule import cpu_pipeline
 from .runtime_loader import (
@@ -40,11 +40,17 @@ from .runtime_loader import (
     SIGNATURE_VERSION,
     check_inputs,
     device_for,
+    param_key,
+    sha256_of,
+    tensor_sha256,
 )
 
 TORCH_SCAN_OP = "scan.default"  # ``node.target.__name__`` of ``torch.ops.gspn.scan.default``
 ONNX_SCAN_DOMAIN, ONNX_SCAN_OP = "gspn", "GSPNScan"
 SUPPORTED_TARGET_KINDS = ("llvm", "cuda")
+#: Floating dtypes a whole model may use: TVM 0.27's torch importer mixes float32 into float16 and
+#: bfloat16 graphs (norms, constants) and Relax then refuses the mixed operators.
+SUPPORTED_MODEL_FLOAT_DTYPES = ("float32",)
 OP_PATTERN_OPAQUE = 8  # relax's OpPatternKind.kOpaque: FuseOps never merges the scan into a neighbour
 # torch.export gives every dynamic dimension a lower bound of at least 2 (it specializes sizes 0
 # and 1); the compiled code has no such limit, so only larger bounds are kept as requirements.
@@ -52,15 +58,52 @@ _TORCH_SPECIALIZATION_FLOOR = 2
 
 
 def _as_target(target: str | dict | tvm.target.Target) -> tvm.target.Target:
-    """``"llvm"`` (or ``{"kind": "llvm"}``) without an ``mcpu`` means this machine's CPU, as for the
-    scan kernels: a generic x86-64 build runs far slower (no AVX2/FMA). Name an ``mcpu`` (for
-    example ``{"kind": "llvm", "mcpu": "x86-64-v2"}``) to build an artifact for other machines."""
+    """``"llvm"`` (or ``{"kind": "llvm"}``) without an ``mcpu`` means this machine, as for the scan
+    kernels: the x86-64 level its reported CPU features allow (:mod:`gspn_tvm.isa`; a generic x86-64
+    build runs far slower, without AVX2/FMA). Name a level as ``mcpu`` (for example
+    ``{"kind": "llvm", "mcpu": "x86-64-v2"}``) to build an artifact for other machines. CPU model
+    names and ``mattr`` are refused: the artifact records the level's features, and the loader
+    refuses it on a machine that lacks one."""
     if target == "llvm" or (isinstance(target, dict) and target.get("kind") == "llvm" and "mcpu" not in target):
-        target = {**cpu_target(), **(target if isinstance(target, dict) else {})}
+        target = {**isa.llvm_target(), **(target if isinstance(target, dict) else {})}
+    if not isinstance(target, (str, dict, tvm.target.Target)):
+        raise TypeError(f"target: expected 'llvm', a target dict or a tvm.target.Target; got {type(target).__name__}")
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     if target.kind.name not in SUPPORTED_TARGET_KINDS:
         raise ValueError(f"target: expected a target of kind {SUPPORTED_TARGET_KINDS}; got {target.kind.name!r}")
+    if target.kind.name == "llvm":
+        mcpu = target.attrs.get("mcpu")
+        if mcpu is not None and str(mcpu) not in isa.LEVELS:
+            raise ValueError(
+                f"target: mcpu must be one of {', '.join(isa.LEVELS)} (or left out for this machine's level); "
+                f"got {str(mcpu)!r}: a CPU model name implies features the machine running the model may lack"
+            )
+        if target.attrs.get("mattr"):
+            raise ValueError(f"target: 'mattr' is not supported (got {list(target.attrs['mattr'])}); name a level as mcpu")
     return target
+
+
+def _cpu_level(target: tvm.target.Target) -> str | None:
+    """The x86-64 level the CPU code of ``target`` is built for (None: LLVM's generic CPU)."""
+    host = target if target.kind.name == "llvm" else target.host
+    mcpu = host.attrs.get("mcpu") if host is not None else None
+    return str(mcpu) if mcpu is not None else None
+
+
+def _check_model_dtypes(model: torch.nn.Module, args: tuple) -> None:
+    """ValueError naming the first floating parameter, buffer or input whose dtype is not supported."""
+    named = [*(("parameter " + n, t) for n, t in model.named_parameters()),
+             *(("buffer " + n, t) for n, t in model.named_buffers()),
+             *((f"example_args[{i}]", a) for i, a in enumerate(args) if isinstance(a, torch.Tensor))]  # fmt: skip
+    for what, tensor in named:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if tensor.is_floating_point() and dtype not in SUPPORTED_MODEL_FLOAT_DTYPES:
+            raise ValueError(
+                f"compile_model: {what} has dtype {dtype}; whole-model compilation supports "
+                f"{', '.join(SUPPORTED_MODEL_FLOAT_DTYPES)} models only (TVM 0.27's importer mixes float32 "
+                "into the graph). Compile model.float() instead; the scan kernels alone run float16 and "
+                "bfloat16 through gspn_tvm.enable()"
+            )
 
 
 def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Target) -> tirx.PrimFunc:
@@ -76,7 +119,7 @@ def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Targe
     func = schedule_forward(direction, dtype)
     # The chunk of every scan of a model is a constant of the graph: bind it so the kernel folds it.
     chunk_param = func.params[-1]
-    func = func.specialize({chunk_param: tirx.IntImm("int32", chunk)})
+    func = func.specialize({chunk_param: tirx.IntImm(str(chunk_param.ty), chunk)})
     return func.with_attrs(
         {
             "global_symbol": f"{forward_name(direction)}_{dtype}_chunk{chunk}",
@@ -187,8 +230,9 @@ def _integer_scalar(value) -> tirx.PrimExpr | None:
     return None
 
 
-def _signature(main: relax.Function, device_type: str, param_names: list[str]) -> dict:
-    """Inputs (name, shape with dynamic dimensions by name, dtype) and lower bounds, as JSON-ready data."""
+def _signature(main: relax.Function, target: tvm.target.Target) -> dict:
+    """Inputs (name, shape with dynamic dimensions by name, dtype), lower bounds and the target, as
+    JSON-ready data (the parameters and file checksums are added by ``CompiledModel.save``)."""
     num_inputs = int(main.attrs["num_input"]) if "num_input" in main.attrs else len(main.params)
     inputs = []
     for var in main.params[:num_inputs]:
@@ -199,12 +243,15 @@ def _signature(main: relax.Function, device_type: str, param_names: list[str]) -
         for name, bound in main.attrs["tir_var_lower_bound"].items():
             if int(bound) > _TORCH_SPECIALIZATION_FLOOR:
                 lower_bounds[str(name)] = int(bound)
+    level = _cpu_level(target)
     return {
         "version": SIGNATURE_VERSION,
-        "device_type": device_type,
+        "device_type": target.kind.name,
+        "target": json.loads(str(target)),
+        "cpu_level": level,
+        "required_cpu_features": sorted(isa.required_features(level)),
         "inputs": inputs,
         "lower_bounds": lower_bounds,
-        "param_order": param_names,
     }
 
 
@@ -240,9 +287,10 @@ class CompiledModel:
     writes an artifact folder for ``gspn_tvm.runtime_loader.load_artifact``.
     """
 
-    def __init__(self, executable, params: list, signature: dict, target: tvm.target.Target):
+    def __init__(self, executable, params: list, signature: dict, target: tvm.target.Target, param_names: list[str]):
         self.executable = executable
         self.signature = signature
+        self.param_names = param_names
         self.target = target
         self.device = device_for(signature["device_type"])
         self._params = [p.copyto(self.device) for p in params]
@@ -266,13 +314,28 @@ class CompiledModel:
         return _to_torch(self._main(*inputs, *self._params))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the artifact folder ``path`` (``model.so``, ``params.bin``, ``signature.json``)."""
+        """Write the artifact folder ``path`` (``model.so``, ``params.bin``, ``signature.json``).
+
+        The signature records the sha256 of both files and of every parameter (see
+        ``gspn_tvm.runtime_loader``); it is written last, so a folder whose save was interrupted
+        does not load.
+        """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / SIGNATURE_FILE).unlink(missing_ok=True)
         self.executable.export_library(str(folder / LIBRARY_FILE))
-        named = dict(zip(self.signature["param_order"], self._params))
-        save_param_dict_to_file(named, str(folder / PARAMS_FILE))
-        (folder / SIGNATURE_FILE).write_text(json.dumps(self.signature, indent=1))
+        keys = [param_key(i, name) for i, name in enumerate(self.param_names)]
+        save_param_dict_to_file(dict(zip(keys, self._params)), str(folder / PARAMS_FILE))
+        params = []
+        for key, param in zip(keys, self._params):
+            array = param.numpy()
+            params.append({"key": key, "shape": list(array.shape), "dtype": str(param.dtype), "sha256": tensor_sha256(array)})
+        signature = {
+            **self.signature,
+            "params": params,
+            "files": {name: sha256_of(folder / name) for name in (LIBRARY_FILE, PARAMS_FILE)},
+        }
+        (folder / SIGNATURE_FILE).write_text(json.dumps(signature, indent=1))
         return folder
 
     def __repr__(self) -> str:
@@ -290,10 +353,10 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target) -> CompiledModel:
     param_names = [var.name for var in main.params[num_inputs:]]
     if len(set(param_names)) != len(param_names):
         param_names = [f"{i}_{name}" for i, name in enumerate(param_names)]
-    signature = _readable_dimension_names(_signature(main, target.kind.name, param_names))
+    signature = _readable_dimension_names(_signature(main, target))
     pipeline = cpu_pipeline(target) if target.kind.name == "llvm" else relax.get_default_pipeline(target)
     executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
-    return CompiledModel(executable, params.get("main", []), signature, target)
+    return CompiledModel(executable, params.get("main", []), signature, target, param_names)
 
 
 def compile_model(
@@ -313,6 +376,7 @@ def compile_model(
     """
     target = _as_target(target)
     args = example_args if isinstance(example_args, tuple) else (example_args,)
+    _check_model_dtypes(model, args)
     if dynamic is True:
         dynamic_shapes = nchw_dynamic_shapes(args, torch.export.Dim.AUTO)
     elif dynamic is False:
@@ -373,6 +437,12 @@ def compile_onnx(
         value.name: onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
         for value in model.graph.input
     }
+    for name, dtype in dtypes.items():
+        if dtype.startswith(("float", "bfloat")) and dtype not in SUPPORTED_MODEL_FLOAT_DTYPES:
+            raise ValueError(
+                f"compile_onnx: input {name!r} has dtype {dtype}; whole-model compilation supports "
+                f"{', '.join(SUPPORTED_MODEL_FLOAT_DTYPES)} models only; export the float32 model"
+            )
     importer = _GSPNOnnxImporter(
         ScanEmitter(target),
         shape_dict=_onnx_input_shapes(model, input_shapes) if input_shapes else None,

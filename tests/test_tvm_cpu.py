@@ -6,9 +6,6 @@ difference. The first run compiles one library per dtype (a few seconds each) in
 
 from __future__ import annotations
 
-import shutil
-import threading
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,7 +13,7 @@ from hypothesis import strategies as st
 
 import gspn_ref
 import gspn_tvm
-from gspn_tvm import build, kernels
+from gspn_tvm import kernels
 from helpers import assert_close_scaled, make_scan_inputs, scan_cases
 
 TVM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -137,76 +134,7 @@ def test_gspn_layer_compiles_fullgraph_with_tvm(tvm_enabled):
     assert_close_scaled(got, expected, torch.float32, 6 * 4, "compiled layer")
 
 
-# -- build cache -----------------------------------------------------------------------------
-
-
-class _CopyOfCachedLibrary:
-    """Stands in for a fresh compile: exports a copy of an already compiled library."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def export_library(self, path):
-        shutil.copyfile(self.source, path)
-
-
-@pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
-    compiled = build.cache_path("cpu", "float32")
-    build.load_scan_library("cpu", "float32")  # make sure a real library exists to copy
-    monkeypatch.setenv("GSPN_CACHE_DIR", str(tmp_path))
-    compiles = []
-    monkeypatch.setattr(build, "compile_scan", lambda *key: compiles.append(key) or _CopyOfCachedLibrary(compiled))
-    return compiles
-
-
-def test_cache_hit_loads_without_compiling(isolated_cache):
-    build.load_scan_library("cpu", "float32")
-    build.load_scan_library("cpu", "float32")
-    assert isolated_cache == [("cpu", "float32")]
-    path = build.cache_path("cpu", "float32")
-    assert path.exists() and "float32" in path.name and build.kernel_hash("cpu") in str(path)
-
-
-def test_corrupt_cache_entry_is_rebuilt(isolated_cache):
-    path = build.cache_path("cpu", "float32")
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"not a shared library")
-    library = build.load_scan_library("cpu", "float32")
-    assert isolated_cache == [("cpu", "float32")]
-    x, lam, gl, gm, gr = make_scan_inputs(1, 2, 2, 3, 4, torch.float32)
-    h = torch.empty_like(x)
-    library["gspn_scan_forward_t2b"](x, lam, gl, gm, gr, h, 0)
-    assert_close_scaled(h, gspn_ref.gspn_scan_ref(x, lam, gl, gm, gr), torch.float32, 3, "h")
-
-
-def test_concurrent_writers_leave_a_complete_library(isolated_cache):
-    errors = []
-
-    def writer():
-        try:
-            build.export_atomically(build.compile_scan("cpu", "float32"), build.cache_path("cpu", "float32"))
-        except Exception as error:  # pragma: no cover - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=writer) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    path = build.cache_path("cpu", "float32")
-    assert [p.name for p in path.parent.iterdir()] == [path.name], "temporary files left behind"
-    build.load_scan_library("cpu", "float32")["gspn_scan_forward_t2b"]
-
-
-def test_stale_kernel_version_is_not_loaded(isolated_cache, monkeypatch):
-    old = build.cache_path("cpu", "float32")
-    build.load_scan_library("cpu", "float32")
-    monkeypatch.setattr(build, "kernel_hash", lambda device: "edited-schedule")
-    assert build.cache_path("cpu", "float32") != old
-    build.load_scan_library("cpu", "float32")
-    assert len(isolated_cache) == 2
+# The kernel cache (damaged, foreign, unwritable entries, concurrent writers): tests/test_tvm_cache.py.
 
 
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
