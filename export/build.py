@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from gspn_tvm import isa
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIR = Path(__file__).resolve().parent / "ortops"
@@ -54,37 +57,47 @@ def find_ort_include_dir() -> Path:
     )
 
 
-def _cpu_flags() -> set[str]:
+CXX17_PROBE = "#include <optional>\n#include <string_view>\nint main() { std::optional<std::string_view> s; if constexpr (true) { return s.has_value(); } }\n"
+SETUP_HELP = (
+    "The library needs a C++17 compiler (g++ 7 or newer, or clang++ 5 or newer; set CXX to choose one) "
+    "and ONNX Runtime's C/C++ API headers 1.21 or newer: set ORT_INCLUDE_DIR to the include/ folder of an "
+    "ONNX Runtime release (unpack onnxruntime-linux-x64-<version>.tgz from the ONNX Runtime releases page), "
+    "or run `bash scripts/fetch_ort_headers.sh` on a Debian-based machine."
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts(compiler: str, flags: tuple[str, ...]) -> bool:
+    """Whether ``compiler`` compiles the C++17 probe with ``flags``."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        result = subprocess.run([compiler, "-std=c++17", *flags, "-fsyntax-only", "-x", "c++", "-"],
+                                input=CXX17_PROBE, capture_output=True, text=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
 
 
-def _arch_flags() -> list[str]:
-    """x86-64-v3 (AVX2, FMA, F16C) where this CPU has it, else a conservative baseline.
-
-    The library is built on the machine that runs it (the setup step), so this is safe; it is not
-    -march=native, so a build directory copied to a same-family machine still loads.
-    """
-    if os.uname().machine not in ("x86_64", "amd64"):
+def _arch_flags(compiler: str | None = None) -> list[str]:
+    """``-march=<level>`` for the x86-64 level this machine's reported features allow (:mod:`gspn_tvm.isa`,
+    the same decision as the TVM kernels; ``GSPN_CPU_TARGET`` overrides it). Never ``-march=native``:
+    the library runs on any machine of that level. Dropped where the compiler does not know the
+    level names (GCC < 11), leaving the compiler's x86-64 baseline."""
+    try:
+        flags = isa.gcc_march_flags()
+    except ValueError as error:  # a GSPN_CPU_TARGET that is not a level, or above this machine
+        raise BuildError(str(error)) from None
+    if flags and compiler is not None and not _accepts(compiler, tuple(flags)):
         return []
-    flags = _cpu_flags()
-    if {"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags:
-        return ["-march=x86-64-v3"]
-    if {"sse4_2", "popcnt", "ssse3"} <= flags:
-        return ["-march=x86-64-v2"]
-    return []
+    return flags
 
 
 def _compiler() -> str:
+    """The C++17 compiler (``$CXX``, default ``g++``); BuildError saying what is needed otherwise."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
-        raise BuildError(f"C++ compiler {compiler!r} not found; install g++ or set CXX.")
+        raise BuildError(f"C++ compiler {compiler!r} not found. {SETUP_HELP}")
+    if not _accepts(compiler, ()):
+        raise BuildError(f"{compiler!r} does not compile C++17 (-std=c++17 with <optional>, if constexpr). {SETUP_HELP}")
     return compiler
 
 
@@ -94,7 +107,7 @@ def _sources() -> list[Path]:
 
 def _command(compiler: str, include_dir: Path, output: Path) -> list[str]:
     return [
-        compiler, "-std=c++17", "-O3", *_arch_flags(), "-fPIC", "-shared",
+        compiler, "-std=c++17", "-O3", *_arch_flags(compiler), "-fPIC", "-shared",
         "-fvisibility=hidden", "-Wall", "-Wextra",
         f"-I{include_dir}",
         *(str(p) for p in _sources() if p.suffix == ".cc"),

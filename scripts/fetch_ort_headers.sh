@@ -11,6 +11,11 @@
 #   ORT_INCLUDE_DIR  headers are already available there (a directory holding
 #                    onnxruntime_cxx_api.h); nothing is fetched.
 #   DEBIAN_MIRROR    Debian archive URI to use instead of the one found in the apt sources.
+#   DEBIAN_KEYRING   keyring verifying the index (default /usr/share/keyrings/debian-archive-keyring.gpg).
+#
+# Without apt-get and dpkg, or without access to a Debian package index, it stops with one message
+# saying so and how to use an ONNX Runtime release instead (ORT_INCLUDE_DIR); apt's own output is
+# kept in build/apt-trixie/apt.log.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,12 +27,25 @@ suite="trixie"
 
 header_in() { find "$1" -name onnxruntime_cxx_api.h -print -quit 2>/dev/null; }
 
+# One message: what failed, what this step needs, and the way around it.
+fail() {
+    cat >&2 <<MSG
+error: cannot fetch the ONNX Runtime headers: $1
+This step needs apt-get and dpkg and access to a Debian package index (suite ${suite}, package ${package}).
+Without them, use an ONNX Runtime release instead: download onnxruntime-linux-x64-<version>.tgz
+(version 1.21 or newer) from the ONNX Runtime releases page, unpack it, and run
+    export ORT_INCLUDE_DIR=/path/to/onnxruntime-linux-x64-<version>/include
+    make setup        (or: .venv/bin/python -m export.build)
+MSG
+    exit 1
+}
+
 if [[ -n "${ORT_INCLUDE_DIR:-}" ]]; then
     if [[ -f "${ORT_INCLUDE_DIR}/onnxruntime_cxx_api.h" ]]; then
         echo "ORT_INCLUDE_DIR=${ORT_INCLUDE_DIR} already holds the headers; nothing to fetch."
         exit 0
     fi
-    echo "error: ORT_INCLUDE_DIR=${ORT_INCLUDE_DIR} has no onnxruntime_cxx_api.h" >&2
+    echo "error: ORT_INCLUDE_DIR=${ORT_INCLUDE_DIR} has no onnxruntime_cxx_api.h; point it at the include/ folder of an ONNX Runtime release (1.21 or newer), or unset it to fetch the headers" >&2
     exit 1
 fi
 
@@ -35,6 +53,10 @@ if [[ -n "$(header_in "${dest}")" ]]; then
     echo "headers already present: $(dirname "$(header_in "${dest}")")"
     exit 0
 fi
+
+for tool in apt-get dpkg; do
+    command -v "${tool}" >/dev/null 2>&1 || fail "${tool} is not installed (this is not a Debian-based system)."
+done
 
 # The Debian archive URI configured on this machine (deb822 *.sources or one-line sources.list).
 find_debian_mirror() {
@@ -57,18 +79,12 @@ find_debian_mirror() {
 
 mirror="${DEBIAN_MIRROR:-$(find_debian_mirror | head -n 1)}"
 if [[ -z "${mirror}" ]]; then
-    cat >&2 <<MSG
-error: no Debian mirror found in /etc/apt/sources* and DEBIAN_MIRROR is not set.
-Either set DEBIAN_MIRROR to a Debian archive URI, or download the headers of an ONNX Runtime
-release (the include/ folder of its onnxruntime-linux-x64 archive) and set ORT_INCLUDE_DIR to it.
-MSG
-    exit 1
+    fail "no Debian mirror found in /etc/apt/sources* and DEBIAN_MIRROR is not set."
 fi
 
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+keyring="${DEBIAN_KEYRING:-/usr/share/keyrings/debian-archive-keyring.gpg}"
 if [[ ! -f "${keyring}" ]]; then
-    echo "error: ${keyring} is missing (package debian-archive-keyring); cannot verify ${suite}." >&2
-    exit 1
+    fail "${keyring} is missing (package debian-archive-keyring), so the ${suite} index cannot be verified."
 fi
 
 mkdir -p "${apt_dir}/lists/partial" "${apt_dir}/cache/archives/partial" "${apt_dir}/etc/preferences.d" \
@@ -92,18 +108,24 @@ apt_options=(
     -o "APT::Sandbox::User=$([[ ${EUID} -eq 0 ]] && echo root || id -un)"
 )
 
+log="${apt_dir}/apt.log"
 echo "fetching the ${suite} package index from ${mirror} (private apt state in ${apt_dir})"
-apt-get "${apt_options[@]}" -q update
-(cd "${apt_dir}/download" && rm -f ./*.deb && apt-get "${apt_options[@]}" -q download "${package}")
+# Error-Mode=any: an index that cannot be fetched is an error, not a warning.
+if ! apt-get "${apt_options[@]}" -o APT::Update::Error-Mode=any -q update >"${log}" 2>&1; then
+    fail "the Debian package index at ${mirror} (${suite}) could not be read (no network access to it?); apt's output is in ${log}."
+fi
+if ! (cd "${apt_dir}/download" && rm -f ./*.deb && apt-get "${apt_options[@]}" -q download "${package}") >>"${log}" 2>&1; then
+    fail "${package} could not be downloaded from ${mirror} (${suite}); apt's output is in ${log}."
+fi
 
-deb="$(ls "${apt_dir}"/download/${package}_*.deb | head -n 1)"
+deb="$(ls "${apt_dir}"/download/${package}_*.deb 2>/dev/null | head -n 1)"
+[[ -n "${deb}" ]] || fail "apt-get reported success but left no ${package}_*.deb in ${apt_dir}/download."
 rm -rf "${dest}"
 mkdir -p "${dest}"
-dpkg -x "${deb}" "${dest}"
+dpkg -x "${deb}" "${dest}" || fail "dpkg could not unpack ${deb}."
 
 header="$(header_in "${dest}")"
 if [[ -z "${header}" ]]; then
-    echo "error: ${deb} unpacked but holds no onnxruntime_cxx_api.h" >&2
-    exit 1
+    fail "${deb} unpacked but holds no onnxruntime_cxx_api.h."
 fi
 echo "ONNX Runtime headers: $(dirname "${header}") (from $(basename "${deb}"))"
