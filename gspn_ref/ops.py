@@ -3,6 +3,11 @@
 The reference is the default kernel for every device. Backends (``gspn_tvm``) add device kernels with
 ``scan_op.register_kernel(device)(fn)`` and switch them with ``scan_op.set_kernel_enabled(device, on)``;
 callers of ``gspn_scan``, the ``GSPN`` layer, ``torch.compile`` and ``torch.export`` are unchanged.
+
+Every kernel behind the operator, the fake (meta) kernels included, checks its arguments with
+``gspn_ref.validation``, so ``torch.ops.gspn.scan`` called directly rejects bad input with the same
+``ValueError``/``TypeError`` as ``gspn_scan``. (Arguments of the wrong Python type for the schema,
+e.g. a float ``chunk`` or an int beyond 64 bits, are rejected earlier by torch's dispatcher.)
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .scan import gspn_scan_backward_ref, gspn_scan_ref
-from .validation import validate_scan_args
+from .validation import validate_backward_args, validate_chunk, validate_direction, validate_scan_args
 
 
 @torch.library.custom_op("gspn::scan", mutates_args=())
@@ -42,16 +47,30 @@ def _check_shapes(x, lam, gl, gm, gr):
     torch._check(x.shape[1] % gl.shape[1] == 0, lambda: f"gl: G = {gl.shape[1]} must divide C = {x.shape[1]}")
 
 
+def _concrete(*tensors) -> bool:
+    """True when every size is a plain int (meta tensors), False under symbolic tracing."""
+    return all(isinstance(d, int) for t in tensors for d in t.shape)
+
+
 @scan_op.register_fake
 def _scan_fake(x, lam, gl, gm, gr, direction, chunk):
-    _check_shapes(x, lam, gl, gm, gr)
+    if _concrete(x, lam, gl, gm, gr):
+        validate_scan_args(x, lam, gl, gm, gr, direction, chunk)
+    else:  # symbolic sizes: record the checks as guards instead of evaluating them
+        _check_shapes(x, lam, gl, gm, gr)
+        validate_direction(direction), validate_chunk(chunk)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @scan_backward_op.register_fake
 def _scan_backward_fake(gh, x, lam, gl, gm, gr, h, direction, chunk):
-    _check_shapes(x, lam, gl, gm, gr)
-    torch._check(gh.shape == x.shape, lambda: f"gh: expected shape {tuple(x.shape)}; got {tuple(gh.shape)}")
+    if _concrete(gh, x, lam, gl, gm, gr, h):
+        validate_scan_args(x, lam, gl, gm, gr, direction, chunk)
+        validate_backward_args(gh, h, x)
+    else:
+        _check_shapes(x, lam, gl, gm, gr)
+        torch._check(gh.shape == x.shape, lambda: f"gh: expected shape {tuple(x.shape)}; got {tuple(gh.shape)}")
+        validate_direction(direction), validate_chunk(chunk)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, lam, gl, gm, gr))
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .directions import is_reversed, line_index, scan_frame, segment_starts
-from .validation import validate_scan_args
+from .validation import validate_backward_args, validate_scan_args
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,6 +26,13 @@ def _from_lower(v: torch.Tensor) -> torch.Tensor:
 def _from_higher(v: torch.Tensor) -> torch.Tensor:
     """``out[..., p] = v[..., p+1]``, zero at ``p = P-1``."""
     return F.pad(v[..., 1:], (0, 1))
+
+
+def _zero_at(p: int, v: torch.Tensor) -> torch.Tensor:
+    """``v`` with position ``p`` of the line set to exactly 0: a weight gradient whose neighbour is
+    outside the line is zero (SPEC section 4), even where ``d * 0`` would be NaN (``d`` infinite)."""
+    v[..., p] = 0
+    return v
 
 
 def _grouped(t: torch.Tensor, groups: int, direction: str) -> torch.Tensor:
@@ -86,9 +93,7 @@ def gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction: str = "t2b", ch
     channels of each weight group.
     """
     validate_scan_args(x, lam, gl, gm, gr, direction, chunk)
-    for name, t in (("gh", gh), ("h", h)):
-        if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.dtype != x.dtype:
-            raise ValueError(f"{name}: expected a {x.dtype} tensor of shape {tuple(x.shape)}; got {t!r:.80}")
+    validate_backward_args(gh, h, x)
     G = gl.shape[1]
     wl, wm, wr = _weight_frames(gl, gm, gr, direction)
     ghf, hf, xf, lamf = (_grouped(t, G, direction) for t in (gh, h, x, lam))
@@ -119,9 +124,9 @@ def gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction: str = "t2b", ch
             dgl.append(zero), dgm.append(zero), dgr.append(zero)
         else:
             prev = hf[..., line_index(direction, s - 1, n_lines), :]
-            dgl.append((d_s * _from_lower(prev)).sum(2))
+            dgl.append(_zero_at(0, (d_s * _from_lower(prev)).sum(2)))
             dgm.append((d_s * prev).sum(2))
-            dgr.append((d_s * _from_higher(prev)).sum(2))
+            dgr.append(_zero_at(-1, (d_s * _from_higher(prev)).sum(2)))
     return (
         _from_frames(dx, direction, x.shape, x.dtype),
         _from_frames(dlam, direction, lam.shape, lam.dtype),

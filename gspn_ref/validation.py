@@ -1,6 +1,15 @@
-"""Argument checks at the boundary of the operator (raised once, before any kernel runs)."""
+"""Argument checks at the boundary of the operator, the one definition every kernel calls.
+
+``gspn_scan``, the reference kernels behind ``torch.ops.gspn.scan`` / ``scan_backward`` and the TVM
+kernels all call :func:`validate_scan_args` (and :func:`validate_backward_args`) before touching
+memory, so a kernel reached directly gives the same clear error as the public entry point.
+Checks are O(1) in the tensor sizes (metadata only; values are never inspected: NaN and inf are
+valid inputs and propagate as the recurrence says).
+"""
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -8,6 +17,8 @@ from .directions import DIRECTIONS
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _NAMES = ("x", "lam", "gl", "gm", "gr")
+#: Largest ``chunk`` (kernels take it as a signed 64-bit integer).
+MAX_CHUNK = 2**63 - 1
 
 
 def validate_direction(direction) -> str:
@@ -19,11 +30,22 @@ def validate_direction(direction) -> str:
 
 
 def validate_chunk(chunk) -> int:
-    if isinstance(chunk, bool) or not isinstance(chunk, int):
-        raise TypeError(f"chunk: expected an int >= 0; got {type(chunk).__name__} {chunk!r}")
+    """``chunk`` as a Python int in ``[0, 2**63 - 1]``; integers only (no bool, float or tensor)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral):
+        raise TypeError(f"chunk: expected an int >= 0; got {type(chunk).__name__} {chunk!r:.80}")
+    chunk = int(chunk)
     if chunk < 0:
         raise ValueError(f"chunk: expected an int >= 0 (0 = global propagation); got {chunk}")
+    if chunk > MAX_CHUNK:
+        raise ValueError(f"chunk: expected an int <= 2**63 - 1 (any chunk >= the line count equals 0); got {chunk}")
     return chunk
+
+
+def _check_tensor(name: str, t, x=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor; got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor; got layout {t.layout}")
 
 
 def validate_scan_args(x, lam, gl, gm, gr, direction, chunk) -> None:
@@ -31,12 +53,13 @@ def validate_scan_args(x, lam, gl, gm, gr, direction, chunk) -> None:
 
     ``x``, ``lam``: ``(B, C, H, W)``; ``gl``, ``gm``, ``gr``: ``(B, G, H, W)`` with ``G`` dividing ``C``;
     one floating dtype and one device for all five; every dimension at least 1.
-    Raises ``TypeError`` for wrong types/dtypes and ``ValueError`` for wrong shapes or values.
+    Raises ``TypeError`` for wrong types/dtypes/layouts and ``ValueError`` for wrong shapes,
+    devices or values. Any strides are accepted (kernels make their own contiguous copies), as are
+    aliased arguments (the scan never writes its inputs) and element counts beyond 2**31.
     """
     tensors = (x, lam, gl, gm, gr)
     for name, t in zip(_NAMES, tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor; got {type(t).__name__}")
+        _check_tensor(name, t)
     for name, t in zip(_NAMES, tensors):
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
@@ -69,3 +92,16 @@ def validate_scan_args(x, lam, gl, gm, gr, direction, chunk) -> None:
         raise ValueError(f"gl: expected a group count G that divides C = {C}; got G = {G}")
     validate_direction(direction)
     validate_chunk(chunk)
+
+
+def validate_backward_args(gh, h, x) -> None:
+    """Check the extra inputs of the adjoint scan: ``gh`` and the forward output ``h`` are tensors
+    shaped, typed and placed like ``x`` (whose own checks are :func:`validate_scan_args`)."""
+    for name, t in (("gh", gh), ("h", h)):
+        _check_tensor(name, t)
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x); got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x); got {t.device}")
+        if t.shape != x.shape:
+            raise ValueError(f"{name}: expected shape {tuple(x.shape)} (the shape of x); got {tuple(t.shape)}")

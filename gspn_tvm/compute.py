@@ -7,15 +7,21 @@ run-time variables), so one compiled function serves every shape.
 Directions are index mappings, never copies: the direction chooses at definition time whether a line
 is a row (``t2b``/``b2t``) or a column (``l2r``/``r2l``) and in which order lines are visited (the
 order stays affine in the scan step, so schedules can stage tiles of lines); ``chunk`` (a run-time
-int32 >= 0) restarts propagation every ``chunk`` lines.
+int64 >= 0) restarts propagation every ``chunk`` lines. Indices are int64 throughout (shapes are
+``T.int64`` variables), so tensors of more than 2**31 elements are addressed correctly.
 
 The propagated state is kept in float32 line buffers with a zero halo at both ends, so that the
-neighbours ``p - 1`` and ``p + 1`` of a line are read without bounds tests. Where a term must vanish
-(at a segment start, or past the last line) the kernel reads a row of the buffer that is always zero
-instead of selecting around a load: no data-dependent branch in the position loop, and no NaN leaks
-from a previous segment. Each block reads and writes disjoint buffers (a ``step`` block computes the
-new line into ``current``, a ``carry`` block copies it into the haloed ``state``), so schedules may
-parallelize and bind the position loop of every block.
+neighbours ``p - 1`` and ``p + 1`` of a line are read without out-of-bounds loads. A term that must
+vanish (SPEC section 2: at a segment start, or where the neighbour is outside the line) is *selected*
+to zero, never multiplied by a zero: its weight may hold ``inf`` or NaN, and ``inf * 0`` is NaN. The
+selects are branch-free (``T.Select``), so the position loop still vectorizes. Each block reads and
+writes disjoint buffers (a ``step`` block computes the new line into ``current``, a ``carry`` block
+copies it into the haloed ``state``), so schedules may parallelize and bind the position loop of
+every block.
+
+Both kernels assert ``G >= 1``, ``G`` dividing ``C`` and ``chunk >= 0`` before touching memory, so
+a direct call of the compiled function with bad sizes raises instead of dividing by zero or reading
+past the weights (the torch-facing kernels validate earlier, with the reference's messages).
 """
 
 from __future__ import annotations
@@ -52,14 +58,19 @@ def _line_of_step(direction: str, s, n_lines):
 
 
 def _starts_segment(s, chunk):
-    """True when scan step ``s`` starts a propagation segment (``R(s) = 0``)."""
-    return T.Or(s == 0, T.And(chunk > 0, T.floormod(s, T.max(chunk, 1)) == 0))
+    """True when scan step ``s`` starts a propagation segment (``R(s) = 0``); ``chunk`` is int64."""
+    return T.Or(s == 0, T.And(chunk > 0, T.floormod(s, T.max(chunk, T.int64(1))) == 0))
+
+
+def _term(in_range, weight, neighbour):
+    """``weight * neighbour`` where ``in_range``, else exactly 0 (whatever ``weight`` holds)."""
+    return T.Select(in_range, weight * neighbour, T.float32(0))
 
 
 def scan_forward(direction: str, dtype: str):
     """Forward scan ``h = scan(x, lam, gl, gm, gr)`` along ``direction``, storage ``dtype``.
 
-    Arguments: ``x, lam, h``: ``(B, C, H, W)``; ``gl, gm, gr``: ``(B, G, H, W)``; ``chunk``: int32 >= 0.
+    Arguments: ``x, lam, h``: ``(B, C, H, W)``; ``gl, gm, gr``: ``(B, G, H, W)``; ``chunk``: int64 >= 0.
     Blocks: ``plane`` per ``(b, c)``; inside it ``line`` per scan step ``s`` (sequential) holding
     ``step`` (new line into ``current``), ``carry`` (into ``state``) and ``emit`` (into ``h``) per
     position ``p``. Every block writes one on-chip buffer at most, which keeps GPU barrier placement
@@ -75,7 +86,7 @@ def scan_forward(direction: str, dtype: str):
         gm_handle: T.handle,
         gr_handle: T.handle,
         h_handle: T.handle,
-        chunk: T.int32,
+        chunk: T.int64,
     ):
         T.func_attr({"tir.noalias": True})
         B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
@@ -86,47 +97,48 @@ def scan_forward(direction: str, dtype: str):
         gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
         h = T.match_buffer(h_handle, (B, C, H, W), dtype)
         n_lines, length = T.meta_var(_line_geometry(direction, H, W))
+        chk = T.meta_var(T.Cast("int64", chunk))  # int64 even where a caller binds chunk to a constant
+        assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
+        assert chk >= 0, "chunk: expected an int >= 0"
         for b, c in T.grid(B, C):
             with T.sblock("plane"):
                 vb, vc = T.axis.remap("SS", [b, c])
                 T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], gl[vb, 0:G, 0:H, 0:W], gm[vb, 0:G, 0:H, 0:W], gr[vb, 0:G, 0:H, 0:W])
                 T.writes(h[vb, vc, 0:H, 0:W])
                 vg = T.meta_var(vc // (C // G))
-                # state[0, 1 + p]: the previous line in float32; state[0, 0], state[0, P + 1] and the
-                # whole row state[1] stay zero (row 1 is read at segment starts).
-                state = T.sblock_alloc_buffer((2, length + 2), ACCUMULATION_DTYPE)
+                # state[1 + p]: the previous line in float32; the halo state[0], state[P + 1] stays zero.
+                state = T.sblock_alloc_buffer((length + 2,), ACCUMULATION_DTYPE)
                 current = T.sblock_alloc_buffer((length,), ACCUMULATION_DTYPE)
-                for row, q in T.grid(2, length + 2):
+                for q in range(length + 2):
                     with T.sblock("clear"):
-                        vrow, vq = T.axis.remap("SS", [row, q])
-                        state[vrow, vq] = T.float32(0)
+                        vq = T.axis.spatial(length + 2, q)
+                        state[vq] = T.float32(0)
                 for s in range(n_lines):
                     with T.sblock("line"):
                         vs = T.axis.opaque(n_lines, s)
                         line = T.meta_var(_line_of_step(direction, vs, n_lines))
-                        source = T.meta_var(T.Cast("int64", _starts_segment(vs, T.Cast("int64", chunk))))
+                        restart = T.meta_var(_starts_segment(vs, chk))
                         for p in range(length):
                             with T.sblock("step"):
                                 vp = T.axis.spatial(length, p)
                                 i, j = T.meta_var(_element(direction, line, vp))
                                 propagated = T.meta_var(
-                                    T.Cast(ACCUMULATION_DTYPE, gl[vb, vg, i, j]) * state[source, vp]
-                                    + T.Cast(ACCUMULATION_DTYPE, gm[vb, vg, i, j]) * state[source, vp + 1]
-                                    + T.Cast(ACCUMULATION_DTYPE, gr[vb, vg, i, j]) * state[source, vp + 2]
+                                    _term(vp > 0, T.Cast(ACCUMULATION_DTYPE, gl[vb, vg, i, j]), state[vp])
+                                    + T.Cast(ACCUMULATION_DTYPE, gm[vb, vg, i, j]) * state[vp + 1]
+                                    + _term(vp + 1 < length, T.Cast(ACCUMULATION_DTYPE, gr[vb, vg, i, j]), state[vp + 2])
                                 )
-                                current[vp] = (
-                                    T.Cast(ACCUMULATION_DTYPE, lam[vb, vc, i, j]) * T.Cast(ACCUMULATION_DTYPE, x[vb, vc, i, j])
-                                    + propagated
-                                )
+                                current[vp] = T.Cast(ACCUMULATION_DTYPE, lam[vb, vc, i, j]) * T.Cast(
+                                    ACCUMULATION_DTYPE, x[vb, vc, i, j]
+                                ) + T.Select(restart, T.float32(0), propagated)
                         for p in range(length):
                             with T.sblock("carry"):
                                 vp = T.axis.spatial(length, p)
-                                state[0, vp + 1] = current[vp]
+                                state[vp + 1] = current[vp]
                         for p in range(length):
                             with T.sblock("emit"):
                                 vp = T.axis.spatial(length, p)
                                 i, j = T.meta_var(_element(direction, line, vp))
-                                h[vb, vc, i, j] = T.Cast(dtype, state[0, vp + 1])
+                                h[vb, vc, i, j] = T.Cast(dtype, state[vp + 1])
 
     return forward.with_attr("global_symbol", forward_name(direction))
 
@@ -142,7 +154,10 @@ def scan_backward(direction: str, dtype: str):
     ``flow[k, t, 1 + p]`` holds ``w_t[p] * d[p]`` of the last visited line for channel ``k`` of the
     slice and ``t`` in ``(gl, gm, gr)``: the adjoint of line ``s`` reads ``flow_l[p + 1]``,
     ``flow_m[p]`` and ``flow_r[p - 1]`` of line ``s + 1`` (zero halos at both ends; the extra
-    channel ``k = C // G`` is all zeros and is read when line ``s`` has no successor).
+    channel ``k = C // G`` is all zeros and is read when line ``s`` has no successor). The products of
+    the weights that point outside the line (``gl`` at ``p = 0``, ``gr`` at ``p = P - 1``) land in
+    ``flow`` slots that no position reads. The weight gradients are selected to zero where the
+    neighbour is outside the line or the line starts a segment (SPEC section 4).
     """
     assert direction in DIRECTIONS, direction
 
@@ -160,7 +175,7 @@ def scan_backward(direction: str, dtype: str):
         dgl_handle: T.handle,
         dgm_handle: T.handle,
         dgr_handle: T.handle,
-        chunk: T.int32,
+        chunk: T.int64,
     ):
         T.func_attr({"tir.noalias": True})
         B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
@@ -177,8 +192,10 @@ def scan_backward(direction: str, dtype: str):
         dgm = T.match_buffer(dgm_handle, (B, G, H, W), dtype)
         dgr = T.match_buffer(dgr_handle, (B, G, H, W), dtype)
         n_lines, length = T.meta_var(_line_geometry(direction, H, W))
-        group_size = T.meta_var(C // G)
         chk = T.meta_var(T.Cast("int64", chunk))
+        assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
+        assert chk >= 0, "chunk: expected an int >= 0"
+        group_size = T.meta_var(C // G)
         for b, g in T.grid(B, G):
             with T.sblock("slice"):
                 vb, vg = T.axis.remap("SS", [b, g])
@@ -201,9 +218,8 @@ def scan_backward(direction: str, dtype: str):
                 )
                 flow = T.sblock_alloc_buffer((group_size + 1, 3, length + 2), ACCUMULATION_DTYPE)
                 adjoint = T.sblock_alloc_buffer((length,), ACCUMULATION_DTYPE)
-                # previous_h[0, 1 + p]: line s - 1 of the forward output; row 1 stays zero and is read
-                # at segment starts, where the weight gradients vanish.
-                previous_h = T.sblock_alloc_buffer((2, length + 2), ACCUMULATION_DTYPE)
+                # previous_h[1 + p]: line s - 1 of the forward output, with a zero halo.
+                previous_h = T.sblock_alloc_buffer((length + 2,), ACCUMULATION_DTYPE)
                 # per-channel contributions to the three weight gradients of the current line
                 contribution = T.sblock_alloc_buffer((group_size, 3, length), ACCUMULATION_DTYPE)
                 weight_grad = T.sblock_alloc_buffer((3, length), ACCUMULATION_DTYPE)
@@ -211,10 +227,10 @@ def scan_backward(direction: str, dtype: str):
                     with T.sblock("clear_flow"):
                         vk, vt, vq = T.axis.remap("SSS", [k, t, q])
                         flow[vk, vt, vq] = T.float32(0)
-                for row, q in T.grid(2, length + 2):
+                for q in range(length + 2):
                     with T.sblock("clear_previous_h"):
-                        vrow, vq = T.axis.remap("SS", [row, q])
-                        previous_h[vrow, vq] = T.float32(0)
+                        vq = T.axis.spatial(length + 2, q)
+                        previous_h[vq] = T.float32(0)
                 for r in range(n_lines):
                     with T.sblock("line"):
                         vr = T.axis.opaque(n_lines, r)
@@ -223,7 +239,7 @@ def scan_backward(direction: str, dtype: str):
                         # The predecessor s - 1, clamped at 0: a segment start never uses it.
                         pred = T.meta_var(_line_of_step(direction, T.max(vs - 1, 0), n_lines))
                         no_successor = T.meta_var(T.Or(vs + 1 >= n_lines, _starts_segment(vs + 1, chk)))
-                        h_row = T.meta_var(T.Cast("int64", _starts_segment(vs, chk)))
+                        restart = T.meta_var(_starts_segment(vs, chk))
                         for k in range(group_size):
                             with T.sblock("channel"):
                                 vk = T.axis.opaque(group_size, k)
@@ -233,7 +249,7 @@ def scan_backward(direction: str, dtype: str):
                                     with T.sblock("load_previous_h"):
                                         vp = T.axis.spatial(length, p)
                                         pi, pj = T.meta_var(_element(direction, pred, vp))
-                                        previous_h[0, vp + 1] = T.Cast(ACCUMULATION_DTYPE, h[vb, vc, pi, pj])
+                                        previous_h[vp + 1] = T.Cast(ACCUMULATION_DTYPE, h[vb, vc, pi, pj])
                                 for p in range(length):
                                     with T.sblock("adjoint_step"):
                                         vp = T.axis.spatial(length, p)
@@ -260,7 +276,14 @@ def scan_backward(direction: str, dtype: str):
                                 for t, p in T.grid(3, length):
                                     with T.sblock("contribution"):
                                         vt, vp = T.axis.remap("SS", [t, p])
-                                        contribution[vk, vt, vp] = adjoint[vp] * previous_h[h_row, vp + vt]
+                                        # the neighbour p - 1 + t of line s - 1 exists and s continues a segment
+                                        in_range = T.meta_var(
+                                            T.And(
+                                                T.Not(restart),
+                                                T.And(T.Or(vt != 0, vp > 0), T.Or(vt != 2, vp + 1 < length)),
+                                            )
+                                        )
+                                        contribution[vk, vt, vp] = _term(in_range, adjoint[vp], previous_h[vp + vt])
                         for t, p, k in T.grid(3, length, group_size):
                             with T.sblock("sum_weight_grad"):
                                 vt, vp, vk = T.axis.remap("SSR", [t, p, k])

@@ -1,8 +1,13 @@
 """TVM kernels of ``gspn::scan`` and ``gspn::scan_backward`` for the devices TVM serves.
 
-The kernels receive validated tensors (the operator's boundary checks have run), make them
-contiguous, allocate the outputs and pass everything to the compiled library through DLPack, with
-no copies. float64 has no compiled kernel: it runs the reference (float64 is for gradient checks).
+Each kernel first checks its arguments with ``gspn_ref.validation`` (the checks of the reference,
+O(1) in the sizes), so a kernel reached directly (``torch.ops.gspn.scan`` with the TVM kernels
+enabled, or these functions) never hands the compiled code a shape it would misread. It then makes
+the inputs contiguous (a copy only for non-contiguous, expanded or channels-last inputs), allocates
+the outputs and passes everything to the compiled library through DLPack. Indices are 64-bit, so
+element counts beyond 2**31 are supported. float64 has no compiled kernel: it runs the reference
+(float64 is for gradient checks). Devices other than those TVM serves (``cpu``, ``cuda``; e.g.
+``meta``) are rejected with a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from gspn_ref import gspn_scan_backward_ref, gspn_scan_ref
-from gspn_ref.directions import line_length
+from gspn_ref.directions import line_count, line_length
+from gspn_ref.validation import validate_backward_args, validate_scan_args
 
 from . import build, compute
 
@@ -45,21 +51,49 @@ def has_kernel(x: torch.Tensor, gl: torch.Tensor, direction: str, backward: bool
     return True
 
 
+def _served_device(x: torch.Tensor) -> None:
+    if x.device.type not in build.SCHEDULES:
+        raise ValueError(f"x: expected a tensor on one of {sorted(build.SCHEDULES)} for the TVM kernels; got device {x.device}")
+
+
+def _kernel_chunk(chunk: int, direction: str, x: torch.Tensor) -> int:
+    """``chunk`` for the compiled code: any ``chunk >= L`` (line count) restarts only at ``s = 0``,
+    exactly like ``chunk = 0``, so it is passed as 0 (and always fits the kernel's int64)."""
+    return 0 if chunk >= line_count(direction, x.shape[2], x.shape[3]) else chunk
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous()
+
+
 def scan_forward(x, lam, gl, gm, gr, direction: str, chunk: int) -> torch.Tensor:
-    """``h`` (B, C, H, W) from ``x, lam`` (B, C, H, W) and ``gl, gm, gr`` (B, G, H, W)."""
+    """``h`` (B, C, H, W) from ``x, lam`` (B, C, H, W) and ``gl, gm, gr`` (B, G, H, W).
+
+    Raises ``TypeError``/``ValueError`` naming the argument for invalid input (see
+    :func:`gspn_ref.validate_scan_args`) and for a device TVM does not serve.
+    """
+    validate_scan_args(x, lam, gl, gm, gr, direction, chunk)
+    _served_device(x)
     if not has_kernel(x, gl, direction):
         return gspn_scan_ref(x, lam, gl, gm, gr, direction, chunk)
-    x, lam, gl, gm, gr = (t.contiguous() for t in (x, lam, gl, gm, gr))
+    x, lam, gl, gm, gr = (_dense(t) for t in (x, lam, gl, gm, gr))
     h = torch.empty_like(x)
-    library(x.device.type, x.dtype)[compute.forward_name(direction)](x, lam, gl, gm, gr, h, chunk)
+    library(x.device.type, x.dtype)[compute.forward_name(direction)](x, lam, gl, gm, gr, h, _kernel_chunk(chunk, direction, x))
     return h
 
 
 def scan_backward(gh, x, lam, gl, gm, gr, h, direction: str, chunk: int):
-    """``(dx, dlam, dgl, dgm, dgr)`` shaped like ``(x, lam, gl, gm, gr)``; ``h`` is the forward output."""
+    """``(dx, dlam, dgl, dgm, dgr)`` shaped like ``(x, lam, gl, gm, gr)``; ``h`` is the forward output.
+
+    Validates like :func:`scan_forward`, plus ``gh`` and ``h`` shaped, typed and placed like ``x``.
+    """
+    validate_scan_args(x, lam, gl, gm, gr, direction, chunk)
+    validate_backward_args(gh, h, x)
+    _served_device(x)
     if not has_kernel(x, gl, direction, backward=True):
         return gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction, chunk)
-    gh, x, lam, gl, gm, gr, h = (t.contiguous() for t in (gh, x, lam, gl, gm, gr, h))
+    gh, x, lam, gl, gm, gr, h = (_dense(t) for t in (gh, x, lam, gl, gm, gr, h))
     grads = tuple(torch.empty_like(t) for t in (x, lam, gl, gm, gr))
-    library(x.device.type, x.dtype)[compute.backward_name(direction)](gh, x, lam, gl, gm, gr, h, *grads, chunk)
+    kernel = library(x.device.type, x.dtype)[compute.backward_name(direction)]
+    kernel(gh, x, lam, gl, gm, gr, h, *grads, _kernel_chunk(chunk, direction, x))
     return grads

@@ -20,7 +20,8 @@ def devices() -> tuple[str, ...]:
 
 # torch's ``set_kernel_enabled`` is a context manager (scoped switching); enable()/disable() switch
 # for the rest of the process, so the registered kernels consult ``_enabled`` and hand over to the
-# reference while disabled.
+# reference while disabled. Both paths validate their arguments (``kernels.scan_forward`` and the
+# reference call ``gspn_ref.validation``), so ``torch.ops.gspn.scan`` called directly is checked.
 def _forward_kernel(x, lam, gl, gm, gr, direction, chunk):
     if x.device.type in _enabled:
         return kernels.scan_forward(x, lam, gl, gm, gr, direction, chunk)

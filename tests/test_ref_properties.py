@@ -209,3 +209,47 @@ def test_official_conformance_vectors():
         err = (ours - h).abs().max().item()
         print(f"case {k} {tuple(x.shape)}: max |diff| {err:.2e}")
         assert err < 1e-9
+
+
+def poison_unread_weights(gl, gm, gr, direction, chunk, poison=float("inf")):
+    """Copies of the weights with ``poison`` wherever SPEC section 2 says a weight is never used
+    (``gl`` at ``p = 0``, ``gr`` at ``p = P - 1``, all three on a segment-start line), and the
+    copies with 0 there; plus the boolean ``(H, W)`` masks of both kinds of position."""
+    H, W = gl.shape[-2:]
+    s = scan_order_of_line(direction, H, W).reshape(H, W)
+    starts = (s == 0) | ((s % chunk) == 0 if chunk else torch.zeros_like(s, dtype=torch.bool))
+    p_axis = -2 if is_column(direction) else -1
+    first = torch.zeros(H, W, dtype=torch.bool)
+    last = torch.zeros(H, W, dtype=torch.bool)
+    first.select(p_axis, 0).fill_(True)
+    last.select(p_axis, -1).fill_(True)
+    masks = (first | starts, starts, last | starts)
+    poisoned = tuple(w.masked_fill(m, poison) for w, m in zip((gl, gm, gr), masks))
+    zeroed = tuple(w.masked_fill(m, 0) for w, m in zip((gl, gm, gr), masks))
+    return poisoned, zeroed, first, last, starts
+
+
+@given(case=scan_cases(max_side=9), poison=st.sampled_from([float("inf"), float("-inf"), float("nan")]))
+def test_unread_weights_may_hold_anything(case, poison):
+    """SPEC section 2: a term whose neighbour is outside the line, or on a segment start, is zero
+    whatever its weight holds (inf or NaN there must not turn outputs into NaN); section 4: the
+    gradients of those weights are exactly zero, even where the adjoint is infinite."""
+    B, C, G, H, W, direction, chunk = case
+    x, lam, gl, gm, gr = make_scan_inputs(B, C, G, H, W, torch.float64, direction=direction)
+    poisoned, zeroed, first, last, starts = poison_unread_weights(gl, gm, gr, direction, chunk, poison)
+    h = gspn_scan_ref(x, lam, *poisoned, direction, chunk)
+    expected = gspn_scan_ref(x, lam, *zeroed, direction, chunk)
+    assert torch.isfinite(h).all()
+    torch.testing.assert_close(h, expected, rtol=0, atol=0)
+    gh = torch.randn_like(x)
+    grads = gspn_scan_backward_ref(gh, x, lam, *poisoned, h, direction, chunk)
+    expected_grads = gspn_scan_backward_ref(gh, x, lam, *zeroed, expected, direction, chunk)
+    for got, want in zip(grads, expected_grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # an infinite output gradient: d is infinite, yet out-of-line weight gradients stay exactly 0
+    gh_inf = gh.clone()
+    gh_inf[..., -1, -1] = float("inf")
+    _, _, dgl, dgm, dgr = gspn_scan_backward_ref(gh_inf, x, lam, *zeroed, expected, direction, chunk)
+    assert (dgl[..., first | starts] == 0).all() and (dgr[..., last | starts] == 0).all()
+    assert (dgm[..., starts] == 0).all()
