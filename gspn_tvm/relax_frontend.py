@@ -310,7 +310,9 @@ class CompiledModel:
             [tuple(t.shape) for t in tensors],
             [str(t.dtype).removeprefix("torch.") for t in tensors],
         )
-        inputs = [tvm.runtime.from_dlpack(t.contiguous()) for t in tensors]
+        # TVM takes DLPack data only 64-byte aligned; a tensor over a numpy buffer may not be: copy it.
+        tensors = [t.contiguous() for t in tensors]
+        inputs = [tvm.runtime.from_dlpack(t if t.data_ptr() % 64 == 0 else t.clone()) for t in tensors]
         return _to_torch(self._main(*inputs, *self._params))
 
     def save(self, path: str | os.PathLike) -> Path:
