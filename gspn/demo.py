@@ -78,6 +78,7 @@ def demo(out_dir: Path) -> None:
     demo_onnx(model, images, out_dir)
     demo_tvm(model, images, logits)
     demo_relax(model, images, out_dir)
+    demo_paper_network(out_dir)
 
 
 def demo_onnx(model, images, out_dir: Path) -> None:
@@ -166,3 +167,46 @@ def demo_relax(model, images, out_dir: Path) -> None:
     print(f"  runtime-only process (TVM_USE_RUNTIME_LIB=1): max |diff| {(deployed - expected).abs().max().item():.2e}")
 
 
+
+
+def demo_paper_network(out_dir: Path) -> None:
+    """GSPN-T (random weights) at 224 x 224: eager, exported with the custom operator and run in ONNX
+    Runtime; then the original code's tiny16 vectors (shipped in gspn_ref/data) reproduced."""
+    import json
+    from importlib import resources
+
+    import numpy as np
+
+    import export
+    from gspn_ref.models import from_official_config, gspn_tiny
+
+    print("== 7. The paper's network (GSPN-T)")
+    torch.manual_seed(0)
+    net = _timed("build GSPN-T (random weights)", lambda: gspn_tiny(num_classes=1000).eval())
+    scans = sum(1 for _ in net.block_chunks())
+    print(f"  {sum(p.numel() for p in net.parameters()):,} parameters, {scans} token mixers (one gspn.scan each)")
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = _timed("forward at (1, 3, 224, 224)", lambda: net(image))
+    path = out_dir / "gspn_t_custom.onnx"
+    _timed("torch -> ONNX (custom GSPNScan nodes, fixed size)", lambda: export.to_onnx(net, (image,), path, dynamic=False))
+    session = export.session(path)
+    feeds = {session.get_inputs()[0].name: image.numpy()}
+    result = torch.from_numpy(session.run(None, feeds)[0])
+    seconds = median_seconds(lambda: session.run(None, feeds), repeat=3, warmup=0)
+    print(f"  {path}")
+    print(f"  ONNX Runtime: {seconds * 1e3:.1f} ms, max |ORT - torch| {(result - logits).abs().max().item():.2e}, "
+          f"same top-1 {bool((result.argmax(1) == logits.argmax(1)).all())}")
+
+    vectors_file = resources.files("gspn_ref").joinpath("data", "official_gspn_tiny16.npz")
+    with resources.as_file(vectors_file) as file, np.load(file, allow_pickle=False) as vectors:
+        tiny16 = from_official_config(json.loads(str(vectors["config"])))
+        state = {k.removeprefix("state/"): torch.from_numpy(vectors[k]) for k in vectors.files if k.startswith("state/")}
+        tiny16.load_state_dict(state, strict=True)
+        inputs, original = torch.from_numpy(vectors["input"]), torch.from_numpy(vectors["logits"])
+    with torch.no_grad():
+        ours = tiny16.eval()(inputs)
+    print(f"  original code's tiny16 network (EMBED_DIM 16, 10 classes): weights loaded strictly, "
+          f"input {tuple(inputs.shape)}")
+    print(f"  logits: max |ours - original| {(ours - original).abs().max().item():.2e}, "
+          f"same top-1 {bool((ours.argmax(1) == original.argmax(1)).all())}")
