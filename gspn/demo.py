@@ -167,8 +167,6 @@ def demo_relax(model, images, out_dir: Path) -> None:
     print(f"  runtime-only process (TVM_USE_RUNTIME_LIB=1): max |diff| {(deployed - expected).abs().max().item():.2e}")
 
 
-
-
 def demo_paper_network(out_dir: Path) -> None:
     """GSPN-T (random weights) at 224 x 224: eager, exported with the custom operator and run in ONNX
     Runtime; then the original code's tiny16 vectors (shipped in gspn_ref/data) reproduced."""
