@@ -17,8 +17,8 @@ later processes load it from the cache in milliseconds.
 
 Layout: :mod:`gspn_tvm.compute` (TensorIR: what is computed), :mod:`gspn_tvm.schedules` (one
 schedule per target: how), :mod:`gspn_tvm.build` (compile + cache), :mod:`gspn_tvm.kernels` (the
-torch-facing kernels), :mod:`gspn_tvm.registration` (``enable``/``disable``), :mod:`gspn_tvm.bench`
-(timings against the reference and the memory floor). Whole models: :mod:`gspn_tvm.relax_frontend`
+torch-facing kernels), :mod:`gspn_tvm.registration` (``enable``/``disable``/``enabled``),
+:mod:`gspn_tvm.isa` (the CPU target, from the features the OS reports). Whole models: :mod:`gspn_tvm.relax_frontend`
 (``compile_model``, ``compile_onnx``: torch.export or ONNX -> TVM Relax, with the scan lowered to
 this package's TensorIR) and :mod:`gspn_tvm.runtime_loader` (runs a saved artifact with the TVM
 runtime alone). Names are imported lazily, so ``gspn_tvm.runtime_loader`` loads neither torch nor

@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "float16", "bfloat16")
 TVM_FFI_REQUIREMENT = "apache-tvm-ffi=={version}"
+#: Pure-Python wheels the run step needs beside torch (gspn_ref.testing uses Hypothesis).
+PURE_WHEELS = ("hypothesis=={hypothesis}", "sortedcontainers")
 TIMED_SHAPES = ((16, 8, 1024, 1024), (1, 192, 56, 56))
 
 
@@ -64,6 +66,11 @@ def prepare(artifact: Path, python_version: str) -> None:
          TVM_FFI_REQUIREMENT.format(version=ffi_version)],
         check=True,
     )
+    import hypothesis
+
+    pure = [w.format(hypothesis=hypothesis.__version__) for w in PURE_WHEELS]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels),
+                    *pure], check=True)  # fmt: skip
     manifest = {
         "target": build.cuda_target(),
         "tvm": tvm.__version__,
@@ -148,45 +155,42 @@ def per_line_baseline(B, C, H, W):
 
 
 def check_correctness(libraries, manifest) -> list[dict]:
+    """Every dtype, direction, chunk 0 and 3, odd shapes, H = 1, W = 1, groups: the compiled CUDA
+    forward and adjoint against the float64 reference, with the comparison of the project's
+    conformance suite (``gspn_ref.testing.check_scan_case``: dtype-derived tolerances)."""
     import torch
 
-    from gspn_ref import DIRECTIONS, gspn_scan_backward_ref, gspn_scan_ref, line_count
-    from helpers import make_scan_inputs, scan_tolerance
+    from gspn_ref import DIRECTIONS
+    from gspn_ref.testing import ScanCase, check_scan_case
 
     shapes = ((2, 4, 2, 9, 7), (1, 3, 3, 1, 13), (1, 2, 1, 11, 1), (2, 6, 3, 33, 65), (1, 2, 2, 300, 257))
     rows, failures = [], 0
     for dtype_name in manifest["dtypes"]:
         dtype = getattr(torch, dtype_name)
         library = libraries[dtype_name]
+
+        def forward(x, lam, gl, gm, gr, direction, chunk):
+            h = torch.empty_like(x)
+            library[manifest["forward"][direction]](x, lam, gl, gm, gr, h, chunk)
+            return h
+
+        def backward(gh, x, lam, gl, gm, gr, h, direction, chunk):
+            grads = [torch.empty_like(t) for t in (x, lam, gl, gm, gr)]
+            library[manifest["backward"][direction]](gh, x, lam, gl, gm, gr, h, *grads, chunk)
+            return grads
+
         for B, C, G, H, W in shapes:
             for direction in DIRECTIONS:
                 for chunk in (0, 3):
-                    x, lam, gl, gm, gr = (t.cuda() for t in make_scan_inputs(B, C, G, H, W, dtype, direction=direction))
-                    h = torch.empty_like(x)
-                    library[manifest["forward"][direction]](x, lam, gl, gm, gr, h, chunk)
-                    expected = gspn_scan_ref(x, lam, gl, gm, gr, direction, chunk)
-                    gh = torch.randn_like(x)
-                    grads = [torch.empty_like(t) for t in (x, lam, gl, gm, gr)]
-                    library[manifest["backward"][direction]](gh, x, lam, gl, gm, gr, expected, *grads, chunk)
-                    expected_grads = gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, expected, direction, chunk)
-                    torch.cuda.synchronize()
-                    n_lines = line_count(direction, H, W)
-                    worst = 0.0
-                    ok = True
-                    for name, got, want, terms in zip(
-                        ("h", "dx", "dlam", "dgl", "dgm", "dgr"),
-                        (h, *grads),
-                        (expected, *expected_grads),
-                        (n_lines, n_lines, n_lines, *(3 * [n_lines * C // G])),
-                    ):
-                        a, e = got.double(), want.double()
-                        scale = max(e.abs().max().item(), 1e-30)
-                        err = (a - e).abs()
-                        ok &= bool((err <= scan_tolerance(dtype, terms) * (e.abs() + scale)).all())
-                        worst = max(worst, err.max().item() / scale)
+                    case = ScanCase(B, C, G, H, W, direction, chunk)
+                    try:
+                        check_scan_case(forward, case, dtype, backward=backward, device="cuda")
+                        ok, error = True, ""
+                    except AssertionError as mismatch:
+                        ok, error = False, str(mismatch)
                     failures += not ok
                     rows.append({"dtype": dtype_name, "shape": [B, C, G, H, W], "direction": direction,
-                                 "chunk": chunk, "ok": ok, "max_rel_err": worst})
+                                 "chunk": chunk, "ok": ok, "error": error})
                     if not ok:
                         print("MISMATCH", rows[-1])
     print(f"correctness: {len(rows) - failures}/{len(rows)} cases within tolerance")
@@ -206,7 +210,7 @@ def time_kernels(libraries, manifest) -> dict:
     import torch
 
     from gspn_ref import gspn_scan_backward_ref, gspn_scan_ref
-    from gspn_ref.benchmark import scan_bytes
+    from gspn.bench.core import scan_bytes
 
     source = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
     target = torch.empty_like(source)
@@ -253,7 +257,7 @@ def time_kernels(libraries, manifest) -> dict:
 
 
 def run(artifact: Path, json_path: str | None) -> int:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path[:0] = [str(ROOT)]
     libraries, manifest = load_libraries(artifact)
     correctness = check_correctness(libraries, manifest)
     timings = time_kernels(libraries, manifest)

@@ -22,7 +22,7 @@ case "${1:-}" in
     PY=${PYTHON:-python3}
     SITE=$(mktemp -d /tmp/gspn_gpu_site.XXXXXX)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ARTIFACT"/wheels/*.whl
-    export PYTHONPATH="$SITE:$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     export LD_LIBRARY_PATH="$PWD/$ARTIFACT/lib:$SITE/tvm_ffi/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     # tvm_ffi would otherwise try to JIT-build a torch extension there; DLPack needs none.
     export TVM_FFI_DISABLE_TORCH_C_DLPACK=1
