@@ -118,9 +118,25 @@ def scan_forward(direction: str, dtype: str):
                         vs = T.axis.opaque(n_lines, s)
                         line = T.meta_var(_line_of_step(direction, vs, n_lines))
                         restart = T.meta_var(_starts_segment(vs, chk))
+                        # Every position as if both neighbours existed (the halo is zero), a branch-free
+                        # pass that vectorizes; then the two end positions again, with the terms that
+                        # point outside the line selected to zero (their weights may be inf or NaN).
                         for p in range(length):
                             with T.sblock("step"):
                                 vp = T.axis.spatial(length, p)
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                propagated = T.meta_var(
+                                    T.Cast(ACCUMULATION_DTYPE, gl[vb, vg, i, j]) * state[vp]
+                                    + T.Cast(ACCUMULATION_DTYPE, gm[vb, vg, i, j]) * state[vp + 1]
+                                    + T.Cast(ACCUMULATION_DTYPE, gr[vb, vg, i, j]) * state[vp + 2]
+                                )
+                                current[vp] = T.Cast(ACCUMULATION_DTYPE, lam[vb, vc, i, j]) * T.Cast(
+                                    ACCUMULATION_DTYPE, x[vb, vc, i, j]
+                                ) + T.Select(restart, T.float32(0), propagated)
+                        for e in range(2):
+                            with T.sblock("ends"):
+                                ve = T.axis.spatial(2, e)
+                                vp = T.meta_var(ve * (length - 1))  # p = 0 and p = P - 1
                                 i, j = T.meta_var(_element(direction, line, vp))
                                 propagated = T.meta_var(
                                     _term(vp > 0, T.Cast(ACCUMULATION_DTYPE, gl[vb, vg, i, j]), state[vp])
@@ -276,14 +292,15 @@ def scan_backward(direction: str, dtype: str):
                                 for t, p in T.grid(3, length):
                                     with T.sblock("contribution"):
                                         vt, vp = T.axis.remap("SS", [t, p])
-                                        # the neighbour p - 1 + t of line s - 1 exists and s continues a segment
-                                        in_range = T.meta_var(
-                                            T.And(
-                                                T.Not(restart),
-                                                T.And(T.Or(vt != 0, vp > 0), T.Or(vt != 2, vp + 1 < length)),
-                                            )
+                                        contribution[vk, vt, vp] = T.Select(
+                                            restart, T.float32(0), adjoint[vp] * previous_h[vp + vt]
                                         )
-                                        contribution[vk, vt, vp] = _term(in_range, adjoint[vp], previous_h[vp + vt])
+                                # gl at p = 0 and gr at p = P - 1 point outside the line: exactly 0,
+                                # not adjoint * halo (NaN where the adjoint is infinite)
+                                for e in range(2):
+                                    with T.sblock("contribution_ends"):
+                                        ve = T.axis.spatial(2, e)
+                                        contribution[vk, 2 * ve, ve * (length - 1)] = T.float32(0)
                         for t, p, k in T.grid(3, length, group_size):
                             with T.sblock("sum_weight_grad"):
                                 vt, vp, vk = T.axis.remap("SSR", [t, p, k])

@@ -43,7 +43,7 @@ def schedule_forward(direction: str, dtype: str):
     sch = s_tir.Schedule(scan_forward(direction, dtype))
     b, c = sch.get_loops(sch.get_sblock("plane"))
     sch.bind(sch.fuse(b, c), "blockIdx.x")
-    for name in ("clear", "step", "carry", "emit"):
+    for name in ("clear", "step", "ends", "carry", "emit"):
         _bind_positions(sch, sch.get_sblock(name))
     _to_shared(sch, (("clear", "state"), ("step", "current")))
     return sch.mod["main"]
@@ -57,7 +57,7 @@ def schedule_backward(direction: str, dtype: str):
     clear_flow = sch.get_sblock("clear_flow")
     sch.fuse(*sch.get_loops(clear_flow)[-3:])
     for name in ("clear_flow", "clear_previous_h", "load_previous_h", "adjoint_step", "input_gradients",
-                 "flow", "contribution", "store_weight_grad"):
+                 "flow", "contribution", "contribution_ends", "store_weight_grad"):
         _bind_positions(sch, sch.get_sblock(name))
     # The channel sum: initialise once per line, then one pass per channel with positions on threads
     # (the channel loop outside the position loop keeps every barrier outside the bounds test).
