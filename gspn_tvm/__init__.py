@@ -5,6 +5,8 @@ Usage::
     import gspn_tvm
     gspn_tvm.enable()     # gspn_ref.gspn_scan, the GSPN layer, torch.compile now run TVM kernels
     gspn_tvm.disable()    # back to the reference kernels
+    with gspn_tvm.enabled():   # on inside the block only; the previous state comes back after it
+        ...
 
 Setting the environment variable ``GSPN_BACKEND=tvm`` before ``import gspn_tvm`` enables the
 kernels at import. ``enable()`` registers kernels for ``"cpu"``, and for ``"cuda"`` when
@@ -34,6 +36,7 @@ _LAZY = {
     "enable": "registration",
     "disable": "registration",
     "is_enabled": "registration",
+    "enabled": "registration",
     "devices": "registration",
     "cache_root": "build",
     "load_scan_library": "build",

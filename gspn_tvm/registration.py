@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from gspn_ref import gspn_scan_backward_ref, gspn_scan_ref
@@ -52,4 +55,20 @@ def disable() -> None:
 def is_enabled(device: str = "cpu") -> bool:
     """True while the TVM kernels serve ``device``."""
     return device in _enabled
+
+
+@contextlib.contextmanager
+def enabled(on: bool = True) -> Iterator[None]:
+    """Context manager: the TVM kernels on (``on=True``) or off inside the block; the state before
+    the block (on or off, per device) is restored on exit, also when the block raises."""
+    before = set(_enabled)
+    if on:
+        enable()
+    else:
+        disable()
+    try:
+        yield
+    finally:
+        _enabled.clear()
+        _enabled.update(before)
 
