@@ -12,7 +12,7 @@ from .affinity import affinity_matrix
 from .directions import DIRECTIONS
 from .normalize import normalize_weights
 from .ops import gspn_scan
-from .validation import validate_chunk, validate_direction
+from .validation import validate_chunk, validate_direction, validate_feature_map
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -90,6 +90,7 @@ class GSPN(nn.Module):
 
     def propagation_inputs(self, x: torch.Tensor):
         """Return ``u`` (the propagated features) and, per direction, ``(lam, gl, gm, gr, gate, skip)``."""
+        validate_feature_map(x, self.dim, self.in_proj.weight)
         u = self.dwconv(self.in_proj(x))
         params = self.param_proj(self.proxy(u)).split(sum(self._split), dim=1)
         per_direction = []
@@ -101,8 +102,6 @@ class GSPN(nn.Module):
 
     def aggregate(self, x: torch.Tensor) -> torch.Tensor:
         """``y = sum_k alpha_k * (scan_k(u) * gate_k + u * skip_k)``: ``(B, d_inner, H, W)``."""
-        if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected shape (B, {self.dim}, H, W); got {tuple(x.shape)}")
         u, per_direction = self.propagation_inputs(x)
         y = None
         for k, (direction, (lam, gl, gm, gr, gate, skip)) in enumerate(zip(self.directions, per_direction)):

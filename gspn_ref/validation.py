@@ -105,3 +105,17 @@ def validate_backward_args(gh, h, x) -> None:
             raise ValueError(f"{name}: expected device {x.device} (the device of x); got {t.device}")
         if t.shape != x.shape:
             raise ValueError(f"{name}: expected shape {tuple(x.shape)} (the shape of x); got {tuple(t.shape)}")
+
+
+def validate_feature_map(x, channels: int, parameter: torch.Tensor, name: str = "x") -> None:
+    """Check a layer's input: a dense 4-D ``(B, channels, H, W)`` tensor with every dimension >= 1,
+    of the dtype and on the device of the layer's ``parameter`` (raised before any convolution)."""
+    _check_tensor(name, x)
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name}: expected shape (B, {channels}, H, W); got {tuple(x.shape)}")
+    if any(d == 0 for d in x.shape):
+        raise ValueError(f"{name}: expected every dimension >= 1; got shape {tuple(x.shape)}")
+    if x.dtype != parameter.dtype:
+        raise TypeError(f"{name}: expected dtype {parameter.dtype} (the layer's parameters); got {x.dtype}")
+    if x.device != parameter.device:
+        raise ValueError(f"{name}: expected device {parameter.device} (the layer's parameters); got {x.device}")

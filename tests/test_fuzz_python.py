@@ -217,7 +217,6 @@ def test_random_malformed_inputs(cases):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.xfail(strict=True, reason="GSPN.forward does not validate x (gspn_ref/layer.py, owned elsewhere)")
 def test_layer_rejects_malformed_input_with_a_named_error():
     base = catalogue()[0]
     cases = [dict(base, entry="layer", backend=b, mutation=m) for m in LAYER_UNCHECKED for b in BACKENDS]
