@@ -8,6 +8,11 @@ the outputs and passes everything to the compiled library through DLPack. Indice
 element counts beyond 2**31 are supported. float64 has no compiled kernel: it runs the reference
 (float64 is for gradient checks). Devices other than those TVM serves (``cpu``, ``cuda``; e.g.
 ``meta``) are rejected with a ``ValueError``.
+
+Threads: every CPU call first sizes the TVM runtime's thread pool to ``torch.get_num_threads()``
+(:func:`gspn_tvm.threads.use_threads`; a no-op while torch's count equals the count last applied in
+the calling thread), so the kernels run on as many threads as torch, not on TVM's own default (half
+the hardware threads: one on a 2-core machine). ``torch.set_num_threads`` changes both.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from gspn_ref import gspn_scan_backward_ref, gspn_scan_ref
 from gspn_ref.directions import line_count, line_length
 from gspn_ref.validation import validate_backward_args, validate_scan_args
 
-from . import build, compute
+from . import build, compute, threads
 
 _TORCH_TO_TVM = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _libraries: dict[tuple[str, str], object] = {}
@@ -62,6 +67,13 @@ def _kernel_chunk(chunk: int, direction: str, x: torch.Tensor) -> int:
     return 0 if chunk >= line_count(direction, x.shape[2], x.shape[3]) else chunk
 
 
+def _compiled(name: str, x: torch.Tensor):
+    """The compiled function ``name`` for ``x``'s device and dtype; on CPU, TVM's pool sized to torch's."""
+    if x.device.type == "cpu":
+        threads.use_threads(torch.get_num_threads())
+    return library(x.device.type, x.dtype)[name]
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous()
 
@@ -78,7 +90,7 @@ def scan_forward(x, lam, gl, gm, gr, direction: str, chunk: int) -> torch.Tensor
         return gspn_scan_ref(x, lam, gl, gm, gr, direction, chunk)
     x, lam, gl, gm, gr = (_dense(t) for t in (x, lam, gl, gm, gr))
     h = torch.empty_like(x)
-    library(x.device.type, x.dtype)[compute.forward_name(direction)](x, lam, gl, gm, gr, h, _kernel_chunk(chunk, direction, x))
+    _compiled(compute.forward_name(direction), x)(x, lam, gl, gm, gr, h, _kernel_chunk(chunk, direction, x))
     return h
 
 
@@ -94,6 +106,6 @@ def scan_backward(gh, x, lam, gl, gm, gr, h, direction: str, chunk: int):
         return gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction, chunk)
     gh, x, lam, gl, gm, gr, h = (_dense(t) for t in (gh, x, lam, gl, gm, gr, h))
     grads = tuple(torch.empty_like(t) for t in (x, lam, gl, gm, gr))
-    kernel = library(x.device.type, x.dtype)[compute.backward_name(direction)]
+    kernel = _compiled(compute.backward_name(direction), x)
     kernel(gh, x, lam, gl, gm, gr, h, *grads, _kernel_chunk(chunk, direction, x))
     return grads

@@ -149,3 +149,42 @@ def test_column_scans_stage_inputs_and_outputs_through_tiles(direction):
         script = schedule(direction, "float32").script()
         for name in inputs + outputs:
             assert f'T.sblock("{name}_global")' in script, f"{schedule.__name__}: {name} is not staged"
+
+
+THREADS = """
+import json, torch
+from gspn_tvm import kernels, threads
+from helpers import make_scan_inputs
+x, lam, gl, gm, gr = make_scan_inputs(1, 2, 1, 8, 8, torch.float32)
+seen = []
+for count in (3, 1, 2):
+    torch.set_num_threads(count)
+    kernels.scan_forward(x, lam, gl, gm, gr, "l2r", 0)
+    seen.append(threads.running_threads())
+print(json.dumps(seen))
+"""
+
+
+def test_kernels_run_on_as_many_threads_as_torch():
+    """The TVM pool follows torch.get_num_threads() (TVM alone runs half the hardware threads), up
+    and down, in a fresh process (the pool's capacity is fixed when a thread first uses it)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = f"{root}:{root / 'tests'}"
+    result = subprocess.run([sys.executable, "-c", THREADS], capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [3, 1, 2]
+
+
+@pytest.mark.parametrize("count, error, match", [(0, ValueError, "count: expected an int >= 1; got 0"),
+                                                 (2.0, TypeError, "count: expected an int >= 1; got float")])
+def test_thread_count_is_checked(count, error, match):
+    from gspn_tvm import threads
+
+    with pytest.raises(error, match=match):
+        threads.use_threads(count)
