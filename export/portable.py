@@ -8,6 +8,7 @@ runtime runs without the custom-operator library:
     -> Scan over the lines, carrying the previous line h_{s-1} (B, G, C/G, P):
            h_s = u_s                                             where R(s) = 0
            h_s = u_s + gl_s * h[p-1] + gm_s * h[p] + gr_s * h[p+1]  otherwise
+       (gl at p = 0 and gr at p = P-1 are zeroed first: they have no neighbour)
     -> back to (B, C, H, W)
 
 Scan is used only with axis 0 and forward direction (flips and transposes around it), which every
@@ -74,6 +75,17 @@ def _shift_higher(e: _Emitter, line: str) -> str:
     return e.op("Slice", [padded, e.const([1]), e.const([_INT64_MAX]), e.const([3])])
 
 
+def _without_outer_weights(e: _Emitter, wl: str, wr: str) -> tuple[str, str]:
+    """``wl`` with position 0 and ``wr`` with position P-1 set to zero (frames ``(L, B, G, 1, P)``):
+    those weights have no neighbour, so whatever they hold (inf, NaN) must not reach the output
+    through a multiplication by the zero padding."""
+    wl = e.op("Pad", [e.op("Slice", [wl, e.const([1]), e.const([_INT64_MAX]), e.const([4])]),
+                      e.const([0, 0, 0, 0, 1, 0, 0, 0, 0, 0])])  # fmt: skip
+    wr = e.op("Pad", [e.op("Slice", [wr, e.const([0]), e.const([-1]), e.const([4])]),
+                      e.const([0, 0, 0, 0, 0, 0, 0, 0, 0, 1])])  # fmt: skip
+    return wl, wr
+
+
 def _propagate(e: _Emitter, prev: str, u: str, wl: str, wm: str, wr: str, out=None) -> str:
     """``u + wl * prev[p-1] + wm * prev[p] + wr * prev[p+1]``."""
     acc = e.op("Add", [u, e.op("Mul", [wl, _shift_lower(e, prev)])])
@@ -136,6 +148,7 @@ def _expand_node(
     if reversed_:
         frames = [_flip_lines(e, t) for t in frames]
     u_lines, wl_lines, wm_lines, wr_lines = frames
+    wl_lines, wr_lines = _without_outer_weights(e, wl_lines, wr_lines)
 
     if static_lines is None:
         n_lines = e.op("Squeeze", [e.op("Shape", [u_lines], start=0, end=1)])

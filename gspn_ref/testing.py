@@ -35,6 +35,7 @@ from .scan import accumulation_dtype, gspn_scan_backward_ref, gspn_scan_ref
 
 ScanFn = Callable[..., torch.Tensor]
 GRAD_NAMES = ("x", "lam", "gl", "gm", "gr")
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 class ScanCase(NamedTuple):
@@ -47,8 +48,6 @@ class ScanCase(NamedTuple):
     W: int
     direction: str
     chunk: int
-    seed: int = 0
-    normalized: bool = True
 
     @property
     def n_lines(self) -> int:
@@ -59,7 +58,7 @@ class ScanCase(NamedTuple):
 def scan_cases(draw, max_side: int = 9, max_batch: int = 2, max_groups: int = 3,
                directions: Sequence[str] = DIRECTIONS) -> ScanCase:  # fmt: skip
     """Hypothesis strategy of valid :class:`ScanCase` s: ``G | C``, sides from 1 to ``max_side``,
-    ``chunk`` 0 or 1 … lines + 1 (often not dividing the line count), weights normalized or not."""
+    ``chunk`` 0 or 1 … lines + 1 (often not dividing the line count)."""
     B = draw(st.integers(1, max_batch))
     G = draw(st.integers(1, max_groups))
     C = G * draw(st.integers(1, 3))
@@ -68,23 +67,28 @@ def scan_cases(draw, max_side: int = 9, max_batch: int = 2, max_groups: int = 3,
     direction = draw(st.sampled_from(tuple(directions)))
     n_lines = line_count(direction, H, W)
     chunk = draw(st.one_of(st.just(0), st.integers(1, n_lines + 1)))
-    seed = draw(st.integers(0, 2**16))
-    normalized = draw(st.booleans())
-    return ScanCase(B, C, G, H, W, direction, chunk, seed, normalized)
+    return ScanCase(B, C, G, H, W, direction, chunk)
 
 
-def scan_inputs(case: ScanCase, dtype: torch.dtype = torch.float32, device="cpu"):
+def scan_inputs(case: ScanCase, dtype: torch.dtype = torch.float32, device="cpu", *, seed: int = 0,
+                normalized: bool = True):  # fmt: skip
     """``(x, lam, gl, gm, gr)`` for ``case`` in ``dtype``: drawn in float64, then rounded once.
 
     Normalized weights are row-stochastic for the case's direction; otherwise they are
     ``sigmoid(logits) / 3`` (contracting, not normalized), like the original code's test data.
     """
-    gen = torch.Generator().manual_seed(case.seed)
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(case.B, case.C, case.H, case.W, generator=gen, dtype=torch.float64)
     lam = torch.randn(case.B, case.C, case.H, case.W, generator=gen, dtype=torch.float64)
     logits = torch.randn(3, case.B, case.G, case.H, case.W, generator=gen, dtype=torch.float64) * 2
-    gl, gm, gr = normalize_weights(*logits, case.direction) if case.normalized else torch.sigmoid(logits) / 3
+    gl, gm, gr = normalize_weights(*logits, case.direction) if normalized else torch.sigmoid(logits) / 3
     return tuple(t.to(dtype=dtype, device=device) for t in (x, lam, gl, gm, gr))
+
+
+def make_scan_inputs(B, C, G, H, W, dtype=torch.float32, seed=0, normalized=True, *, direction="t2b",
+                     device="cpu"):  # fmt: skip
+    """``(x, lam, gl, gm, gr)`` for the given sizes: :func:`scan_inputs` of that :class:`ScanCase`."""
+    return scan_inputs(ScanCase(B, C, G, H, W, direction, 0), dtype, device, seed=seed, normalized=normalized)
 
 
 @st.composite
@@ -143,15 +147,17 @@ def reference_outputs(case: ScanCase, inputs, gh=None):
 
 
 def check_scan_case(fn: ScanFn, case: ScanCase, dtype: torch.dtype, *, backward: bool | Callable = True,
-                    device="cpu") -> None:  # fmt: skip
-    """Compare ``fn`` with the reference on one case (see :func:`assert_scan_matches`)."""
-    inputs = scan_inputs(case, dtype, device)
+                    device="cpu", seed: int = 0, normalized: bool = True) -> None:  # fmt: skip
+    """Compare ``fn`` with the reference on one case (see :func:`assert_scan_matches`); the inputs
+    are :func:`scan_inputs` of ``case`` with ``seed`` and ``normalized``."""
+    inputs = scan_inputs(case, dtype, device, seed=seed, normalized=normalized)
     gh = None
     if backward:
-        gh = torch.randn(case.B, case.C, case.H, case.W, generator=torch.Generator().manual_seed(case.seed + 1),
+        gh = torch.randn(case.B, case.C, case.H, case.W, generator=torch.Generator().manual_seed(seed + 1),
                          dtype=torch.float64).to(dtype=dtype, device=device)  # fmt: skip
     expected_h, expected_grads = reference_outputs(case, inputs, gh)
-    label = f"{case} {str(dtype).replace('torch.', '')}"
+    weights = "normalized" if normalized else "unnormalized"
+    label = f"{case} {str(dtype).replace('torch.', '')} seed={seed} {weights}"
     if callable(backward) and not isinstance(backward, bool):
         h = fn(*inputs, case.direction, case.chunk)
         grads = backward(gh, *inputs, h, case.direction, case.chunk)
@@ -180,7 +186,7 @@ def assert_scan_matches(fn: ScanFn, *, backward: bool | Callable = True, dtypes=
     ``backward=True`` differentiates ``fn`` with autograd under one random upstream gradient;
     a callable ``backward(gh, x, lam, gl, gm, gr, h, direction, chunk)`` is checked instead, and
     ``False`` checks the output only (for inference-only backends). Every dtype of ``dtypes`` is
-    drawn (tolerances from :func:`scan_tolerance`). ``max_examples`` defaults to the active
+    drawn (tolerances from :func:`scan_tolerance`), with normalized and unnormalized weights. ``max_examples`` defaults to the active
     Hypothesis profile's. Raises ``AssertionError`` naming the case, the tensor and the error.
     """
     if not callable(fn):
@@ -192,9 +198,10 @@ def assert_scan_matches(fn: ScanFn, *, backward: bool | Callable = True, dtypes=
 
     @settings(max_examples=max_examples or settings.default.max_examples, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
-    @given(case=scan_cases(max_side=max_side, directions=directions), dtype=st.sampled_from(dtypes))
-    def run(case, dtype):
-        check_scan_case(fn, case, dtype, backward=backward, device=device)
+    @given(case=scan_cases(max_side=max_side, directions=directions), dtype=st.sampled_from(dtypes),
+           seed=st.integers(0, 2**16), normalized=st.booleans())  # fmt: skip
+    def run(case, dtype, seed, normalized):
+        check_scan_case(fn, case, dtype, backward=backward, device=device, seed=seed, normalized=normalized)
 
     run()
 
