@@ -143,6 +143,16 @@ def test_edge_shapes(backend, case):
 
 
 @pytest.mark.parametrize("direction", ["t2b", "b2t", "l2r", "r2l"])
+def test_long_lines_and_strips(backend, direction):
+    """Lines longer than a vector, widths not a multiple of any strip or tile (16, 64), groups,
+    unnormalized weights and a chunk that does not divide the line count."""
+    case = ScanCase(2, 6, 3, 37, 70, direction, 9)
+    for dtype in backend.dtypes:
+        check_scan_case(backend.forward, case, dtype, backward=backend.backward, device=backend.device,
+                        seed=5, normalized=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("direction", ["t2b", "b2t", "l2r", "r2l"])
 @pytest.mark.parametrize("chunk", [0, 3])
 def test_constant_propagation(backend, direction, chunk):
     """Normalized weights, lam = x = 1: line s holds s + 1 ((s mod chunk) + 1), a value no
