@@ -2,9 +2,10 @@
 
 Compiles ``export/ortops/tests/test_kernel.cc`` with the kernel source and runs it: the kernel
 against a naive recurrence, scratch bounds, and planes at element offsets beyond 2**31. Built
-twice: with the instruction-set flags the library is built with (AVX2/F16C paths where the CPU
-has them) and for the x86-64 baseline with sanitizers (scalar paths, out-of-bounds and undefined
-behaviour caught).
+three times: with the instruction-set flags the library is built with (AVX2/F16C paths where the
+CPU has them), the same with sanitizers (out-of-bounds accesses of the vector paths: masked edge
+tiles, padded lines, prefetch distances), and for the x86-64 baseline with sanitizers (scalar
+paths, out-of-bounds and undefined behaviour caught).
 """
 
 from __future__ import annotations
@@ -62,10 +63,20 @@ def test_kernel_with_library_flags(tmp_path):
     assert "all kernel checks passed" in result.stdout
 
 
-def test_kernel_baseline_with_sanitizers(tmp_path):
+def sanitizer_flags(tmp_path: Path) -> list[str]:
     flags = ["-fno-omit-frame-pointer"]
     if sanitizers_available(tmp_path):
         flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-    result = build_and_run(tmp_path, flags)
+    return flags
+
+
+def test_kernel_with_library_flags_and_sanitizers(tmp_path):
+    result = build_and_run(tmp_path, library_arch_flags() + sanitizer_flags(tmp_path))
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}{result.stderr[-4000:]}"
+    assert "all kernel checks passed" in result.stdout
+
+
+def test_kernel_baseline_with_sanitizers(tmp_path):
+    result = build_and_run(tmp_path, sanitizer_flags(tmp_path))
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}{result.stderr[-4000:]}"
     assert "all kernel checks passed" in result.stdout

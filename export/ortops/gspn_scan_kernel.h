@@ -31,9 +31,11 @@ struct Half {
 };
 
 // Float32 scratch (in elements) that ScanPlane needs for planes of `geometry`: 0 for float32 row
-// scans, 7 W for float16 row scans, (6 S + 1) H for column scans, where the strip width S (1 to 16
-// columns) is chosen so that 6 S H floats stay within kMaxStripScratchBytes. So a worker never
-// needs more than max(kMaxStripScratchBytes + 4 H, 28 max(H, W)) bytes, whatever B and C are.
+// scans, 7 W for float16 row scans; for column scans six blocks of S transposed, zero-padded
+// lines of about H floats and one carried line, about (6 S + 1) H, where the strip width S (1 to W
+// columns) keeps the six blocks within kMaxStripScratchBytes unless one column alone needs more.
+// So a worker never needs more than max(kMaxStripScratchBytes, 24 H + 2048) + 4 H + 128 bytes for
+// a column scan, 28 W bytes for a float16 row scan, whatever B and C are.
 constexpr size_t kMaxStripScratchBytes = size_t{8} << 20;
 size_t ScratchFloats(const ScanGeometry& geometry, bool half_precision);
 

@@ -1,7 +1,10 @@
 // Unit tests of the CPU scan kernel (gspn_scan_kernel.cc) without ONNX Runtime: the kernel
-// against a naive recurrence written here from SPEC.md section 2, on small and odd shapes, tall
-// column scans whose strips are narrowed by the scratch bound, and planes whose element offset
-// is beyond 2**31 (in sparse, never-touched virtual memory).
+// against a naive recurrence written here from SPEC.md section 2, on small and odd shapes, column
+// scans through each of their paths (lines of up to 64 positions scanned in registers, longer
+// ones through memory; whole-plane and multi-strip layouts; line strides padded against cache-set
+// conflicts), non-finite values at the line edges, tall column scans whose strips are narrowed
+// by the scratch bound, and planes whose element offset is beyond 2**31 (in sparse,
+// never-touched virtual memory).
 //
 // Built and run by tests/test_ortops_cpp.py:
 //   g++ -std=c++17 -O2 -I export/ortops export/ortops/tests/test_kernel.cc
@@ -163,6 +166,7 @@ void Compare(const std::vector<float>& actual, const std::vector<double>& expect
   for (double e : expected) scale = std::max(scale, std::abs(e));
   int64_t bad = 0;
   for (size_t i = 0; i < expected.size(); ++i) {
+    if (actual[i] == expected[i]) continue;  // equal infinities included
     const double diff = std::abs(actual[i] - expected[i]);
     if (!(diff <= rtol * (std::abs(expected[i]) + scale))) ++bad;  // NaN counts as bad
     if (diff > worst || std::isnan(diff)) worst = diff;
@@ -201,24 +205,75 @@ void TestSmallShapes() {
 }
 
 // Tall column scans: 16 strip columns would need more than kMaxStripScratchBytes, so the strips
-// narrow (to 6 columns for H = 50000); the scratch stays within the stated bound.
+// narrow (to 6 columns for H = 50000); the scratch stays within the bound the header states.
 void TestTallColumnsAndScratchBound() {
   for (Direction d : {Direction::kLeftToRight, Direction::kRightToLeft}) {
     CheckProblem(MakeProblem(1, 1, 1, 50000, 20, d, 7, 99));
   }
-  for (int64_t H : {int64_t{1}, int64_t{1000}, int64_t{50000}, int64_t{1} << 22}) {
+  for (int64_t H : {int64_t{1}, int64_t{56}, int64_t{1000}, int64_t{50000}, int64_t{1} << 22}) {
     for (int64_t W : {int64_t{1}, int64_t{17}, int64_t{1} << 20}) {
       for (Direction d : kDirections) {
         for (bool half : {false, true}) {
           ScanGeometry g;
           g.batch = g.channels = g.groups = 1, g.height = H, g.width = W, g.direction = d;
+          const bool rows = d == Direction::kTopToBottom || d == Direction::kBottomToTop;
           const double bytes = 4.0 * static_cast<double>(gspn::ScratchFloats(g, half));
-          const double bound = std::max(double(gspn::kMaxStripScratchBytes) + 4.0 * H,
-                                        28.0 * std::max(H, W));
+          const double bound =
+              rows ? 28.0 * W
+                   : std::max(double(gspn::kMaxStripScratchBytes), 24.0 * H + 2048) + 4.0 * H + 128;
           CHECK(bytes <= bound, "%s: scratch %.0f bytes > bound %.0f",
                 Describe(g, half ? "float16" : "float32").c_str(), bytes, bound);
         }
       }
+    }
+  }
+}
+
+// Column scans through each path of the kernel: lines (H) of 1 to 64 positions are scanned with
+// the previous line in registers, in one to eight vectors; longer lines through memory, with the
+// line stride padded where H is a multiple of 128. W from one column to several strips (strips
+// of about 16 columns once the plane's transposed lines exceed 32 KiB), with chunk restarts that
+// fall inside and at the edges of strips.
+void TestColumnScanPaths() {
+  const int64_t heights[] = {1, 2, 7, 8, 9, 15, 16, 17, 24, 31, 33, 40, 56, 63, 64,
+                             65, 71, 128, 129, 256};
+  const int64_t widths[] = {1, 3, 8, 13, 16, 29, 47, 70};
+  unsigned seed = 500;
+  for (int64_t H : heights) {
+    for (int64_t W : widths) {
+      for (Direction d : {Direction::kLeftToRight, Direction::kRightToLeft}) {
+        const int64_t chunk = (H + W) % 3 == 0 ? 0 : (H + W) % 3 == 1 ? 16 : 5;
+        CheckProblem(MakeProblem(1, 2, 1, H, W, d, chunk, seed++));
+      }
+    }
+  }
+}
+
+// Out-of-line neighbours contribute zero whatever their weight holds: NaN and infinite weights at
+// the first and last position of every line must not reach the output; and an infinite value
+// (+inf data with positive weights) spreads through the recurrence as in the definition, without
+// turning into NaN through the lines' padding.
+void TestNonFiniteEdges() {
+  const uint16_t kNaN = 0x7E00, kInf = 0x7C00;
+  for (Direction d : kDirections) {
+    const bool rows = d == Direction::kTopToBottom || d == Direction::kBottomToTop;
+    for (const auto& shape : {std::pair<int64_t, int64_t>{7, 7}, {20, 13}, {70, 9}, {9, 70}}) {
+      const int64_t H = shape.first, W = shape.second;
+      Problem p = MakeProblem(1, 1, 1, H, W, d, 0, 7000 + static_cast<unsigned>(H));
+      const int64_t length = rows ? W : H;
+      for (int64_t i = 0; i < H * W; ++i) {
+        const int64_t position = rows ? i % W : i / W;  // along the line
+        if (position == 0) p.bits[2][i] = kNaN, p.values[2][i] = NAN;  // gl
+        if (position == length - 1) p.bits[4][i] = kInf, p.values[4][i] = INFINITY;  // gr
+      }
+      CheckProblem(p);
+      // +inf in x where the scan starts, at the last position of its line; lam > 0 there.
+      Problem q = MakeProblem(1, 1, 1, H, W, d, 0, 8000 + static_cast<unsigned>(H));
+      const int64_t row = d == Direction::kBottomToTop ? H - 1 : rows ? 0 : H - 1;
+      const int64_t col = d == Direction::kRightToLeft ? W - 1 : rows ? W - 1 : 0;
+      q.bits[0][row * W + col] = kInf, q.values[0][row * W + col] = INFINITY;
+      q.bits[1][row * W + col] = 0x3C00, q.values[1][row * W + col] = 1.0f;
+      CheckProblem(q);
     }
   }
 }
@@ -306,6 +361,8 @@ void TestParseDirection() {
 int main() {
   TestParseDirection();
   TestSmallShapes();
+  TestColumnScanPaths();
+  TestNonFiniteEdges();
   TestTallColumnsAndScratchBound();
   TestOffsetsBeyond2To31<float>();
   TestOffsetsBeyond2To31<Half>();
