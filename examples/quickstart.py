@@ -21,7 +21,7 @@ print(f"classifier loss {loss.item():.4f}; gradient norm of the first GSPN proje
 block = GSPNBlock(16, chunk=4, groups=8)  # local propagation every 4 lines, 8 weight groups
 print("block output", tuple(block(torch.randn(2, 16, 20, 12)).shape))
 
-# The operator: x, lam (B, C, H, W), weights (B, G, H, W) normalized per SPEC section 3.
+# The operator: x, lam (B, C, H, W), weights (B, G, H, W) normalized per docs/operator.md ("Weight normalization").
 x, lam = torch.randn(2, 1, 6, 9, 9)
 gl, gm, gr = normalize_weights(*torch.randn(3, 1, 3, 9, 9), direction="b2t")
 h = gspn_scan(x, lam, gl, gm, gr, direction="b2t")

@@ -1,4 +1,4 @@
-"""The ONNX operator ``gspn::GSPNScan`` version 1 (SPEC.md section 7), registered with ``onnx``.
+"""The ONNX operator ``gspn::GSPNScan`` version 1 (docs/operator.md ("The ONNX operator")), registered with ``onnx``.
 
 Registering the schema lets the exporter build the node, lets ``onnx.checker`` validate its inputs,
 types and attributes, and lets ONNX shape inference carry the output type and shape (``h`` is

@@ -1,8 +1,9 @@
 """gspn_ref: the definition of the Generalized Spatial Propagation Network operator and layer.
 
-``gspn_scan_ref`` and ``gspn_scan_backward_ref`` are the pure-PyTorch reference (SPEC sections 2, 4);
+``gspn_scan_ref`` and ``gspn_scan_backward_ref`` are the pure-PyTorch reference (docs/operator.md ("The scan", "The adjoint"));
 ``gspn_scan`` calls the registered operator ``torch.ops.gspn.scan``, whose kernels other backends
-may replace; ``GSPN`` is the layer of SPEC section 6. ``gspn_ref.models`` (imported on first use) holds
+may replace (``gspn_tvm.enable()``; the environment variable ``GSPN_BACKEND=tvm`` takes effect at
+``import gspn_tvm``, not at ``import gspn_ref``, which never imports a backend); ``GSPN`` is the layer of docs/operator.md ("The project's layer"). ``gspn_ref.models`` (imported on first use) holds
 the paper's classification networks GSPN-T/S/B, weight-compatible with the original code.
 """
 
@@ -10,9 +11,9 @@ from .affinity import affinity_matrix, propagation_matrix
 from .directions import DIRECTIONS, is_column, is_reversed, line_count, line_length
 from .layer import GRN, GSPN, GSPNBlock, LayerNorm2d, TinyGSPNClassifier, layer_affinity
 from .normalize import normalize_weights
-from .ops import gspn_scan, scan_backward_op, scan_op
+from .ops import gspn_scan, scan_backward_op, scan_op  # noqa: F401  (the operator's plumbing: not in __all__)
 from .scan import accumulation_dtype, gspn_scan_backward_ref, gspn_scan_ref
-from .validation import SUPPORTED_DTYPES, validate_scan_args
+from .validation import SUPPORTED_DTYPES, validate_scan_args  # noqa: F401  (internal: not in __all__)
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(".models", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DIRECTIONS",
@@ -45,7 +47,4 @@ __all__ = [
     "line_length",
     "normalize_weights",
     "propagation_matrix",
-    "scan_backward_op",
-    "scan_op",
-    "validate_scan_args",
 ]

@@ -1,4 +1,4 @@
-"""Dense affinity matrices (SPEC section 2 "matrix form", section 6 last paragraph), for small maps.
+"""Dense affinity matrices (docs/operator.md, "The scan": matrix form; "The project's layer": its affinity), for small maps.
 
 Built from the propagation matrix ``M`` by a linear solve, independently of the scan code, so that
 ``h == A @ x`` is a real check of the scan.

@@ -1,4 +1,4 @@
-"""Scan directions (SPEC section 1).
+"""Scan directions (docs/operator.md ("Layout and directions")).
 
 A direction picks the scanned axis and the order of the lines. Positions ``p`` along a line are
 always the original coordinate; only the order of the lines is reversed for ``b2t`` and ``r2l``.

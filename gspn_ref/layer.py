@@ -1,4 +1,4 @@
-"""The GSPN layer (SPEC section 6), a transformer-style block around it, and a tiny classifier."""
+"""The GSPN layer (docs/operator.md ("The project's layer")), a transformer-style block around it, and a tiny classifier."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Stability-Context Condition (SPEC section 3): raw logits -> row-stochastic weights."""
+"""The Stability-Context Condition (docs/operator.md ("Weight normalization")): raw logits -> row-stochastic weights."""
 
 from __future__ import annotations
 

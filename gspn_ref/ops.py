@@ -21,7 +21,7 @@ from .validation import validate_backward_args, validate_chunk, validate_directi
 
 @torch.library.custom_op("gspn::scan", mutates_args=())
 def scan_op(x: Tensor, lam: Tensor, gl: Tensor, gm: Tensor, gr: Tensor, direction: str, chunk: int) -> Tensor:
-    """``h = gspn_scan(x, lam, gl, gm, gr, direction, chunk)``; shapes as in SPEC section 2."""
+    """``h = gspn_scan(x, lam, gl, gm, gr, direction, chunk)``; shapes as in docs/operator.md ("The scan")."""
     return gspn_scan_ref(x, lam, gl, gm, gr, direction, chunk)
 
 
@@ -53,7 +53,7 @@ def _concrete(*tensors) -> bool:
 
 
 @scan_op.register_fake
-def _scan_fake(x, lam, gl, gm, gr, direction, chunk):
+def _scan_fake(x: Tensor, lam: Tensor, gl: Tensor, gm: Tensor, gr: Tensor, direction: str, chunk: int) -> Tensor:
     if _concrete(x, lam, gl, gm, gr):
         validate_scan_args(x, lam, gl, gm, gr, direction, chunk)
     else:  # symbolic sizes: record the checks as guards instead of evaluating them
@@ -63,7 +63,9 @@ def _scan_fake(x, lam, gl, gm, gr, direction, chunk):
 
 
 @scan_backward_op.register_fake
-def _scan_backward_fake(gh, x, lam, gl, gm, gr, h, direction, chunk):
+def _scan_backward_fake(
+    gh: Tensor, x: Tensor, lam: Tensor, gl: Tensor, gm: Tensor, gr: Tensor, h: Tensor, direction: str, chunk: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _concrete(gh, x, lam, gl, gm, gr, h):
         validate_scan_args(x, lam, gl, gm, gr, direction, chunk)
         validate_backward_args(gh, h, x)
@@ -89,7 +91,9 @@ def _backward(ctx, gh):
 scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def gspn_scan(x, lam, gl, gm, gr, direction: str = "t2b", chunk: int = 0) -> Tensor:
+def gspn_scan(
+    x: Tensor, lam: Tensor, gl: Tensor, gm: Tensor, gr: Tensor, direction: str = "t2b", chunk: int = 0
+) -> Tensor:
     """Validated entry point to ``torch.ops.gspn.scan``; same contract as :func:`gspn_scan_ref`.
 
     Runs whichever kernel is registered for the device (the reference unless a backend is enabled).

@@ -1,4 +1,4 @@
-"""Reference line scan of SPEC section 2 and its adjoint (section 4), written for clarity.
+"""Reference line scan of docs/operator.md ("The scan") and its adjoint ("The adjoint"), written for clarity.
 
 Each function takes one Python step per scanned line and is vectorized over batch, channels and
 the positions of a line. Half-precision inputs are accumulated in float32, float64 stays float64.
@@ -30,7 +30,7 @@ def _from_higher(v: torch.Tensor) -> torch.Tensor:
 
 def _zero_at(p: int, v: torch.Tensor) -> torch.Tensor:
     """``v`` with position ``p`` of the line set to exactly 0: a weight gradient whose neighbour is
-    outside the line is zero (SPEC section 4), even where ``d * 0`` would be NaN (``d`` infinite)."""
+    outside the line is zero (docs/operator.md ("The adjoint")), even where ``d * 0`` would be NaN (``d`` infinite)."""
     v[..., p] = 0
     return v
 
@@ -63,7 +63,10 @@ def _from_frames(lines: list[torch.Tensor], direction: str, shape, dtype) -> tor
     return scan_frame(stacked, direction).to(dtype).contiguous()
 
 
-def gspn_scan_ref(x, lam, gl, gm, gr, direction: str = "t2b", chunk: int = 0) -> torch.Tensor:
+def gspn_scan_ref(
+    x: torch.Tensor, lam: torch.Tensor, gl: torch.Tensor, gm: torch.Tensor, gr: torch.Tensor,
+    direction: str = "t2b", chunk: int = 0,
+) -> torch.Tensor:
     """Reference forward scan: ``h`` of shape ``(B, C, H, W)``, same dtype as ``x``.
 
     ``x``, ``lam``: ``(B, C, H, W)``; ``gl``, ``gm``, ``gr``: ``(B, G, H, W)`` with ``G | C``.
@@ -85,8 +88,11 @@ def gspn_scan_ref(x, lam, gl, gm, gr, direction: str = "t2b", chunk: int = 0) ->
     return _from_frames(lines, direction, x.shape, x.dtype)
 
 
-def gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction: str = "t2b", chunk: int = 0):
-    """Reference adjoint scan (SPEC section 4).
+def gspn_scan_backward_ref(
+    gh: torch.Tensor, x: torch.Tensor, lam: torch.Tensor, gl: torch.Tensor, gm: torch.Tensor, gr: torch.Tensor,
+    h: torch.Tensor, direction: str = "t2b", chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference adjoint scan (docs/operator.md ("The adjoint")).
 
     ``gh`` and ``h`` (the forward output) are ``(B, C, H, W)``. Returns ``(dx, dlam, dgl, dgm, dgr)``
     with the shapes and dtypes of ``x, lam, gl, gm, gr``; weight gradients are summed over the

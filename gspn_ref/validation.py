@@ -49,7 +49,7 @@ def _check_tensor(name: str, t, x=None) -> None:
 
 
 def validate_scan_args(x, lam, gl, gm, gr, direction, chunk) -> None:
-    """Check the inputs of ``gspn_scan`` against SPEC section 2.
+    """Check the inputs of ``gspn_scan`` against docs/operator.md ("The scan").
 
     ``x``, ``lam``: ``(B, C, H, W)``; ``gl``, ``gm``, ``gr``: ``(B, G, H, W)`` with ``G`` dividing ``C``;
     one floating dtype and one device for all five; every dimension at least 1.

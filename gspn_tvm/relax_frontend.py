@@ -12,7 +12,9 @@ the rest are lowered by Relax. The result is one VM executable for the whole mod
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,34 @@ SUPPORTED_TARGET_KINDS = ("llvm", "cuda")
 #: bfloat16 graphs (norms, constants) and Relax then refuses the mixed operators.
 SUPPORTED_MODEL_FLOAT_DTYPES = ("float32",)
 OP_PATTERN_OPAQUE = 8  # relax's OpPatternKind.kOpaque: FuseOps never merges the scan into a neighbour
+# TVM's runtime thread pool (one per calling thread, created at its first parallel loop) never grows
+# past TVM_NUM_THREADS as read at its creation, which defaults to half the logical CPUs on x86 (one
+# thread on a 2-CPU machine). Allow up to every CPU here, before any pool exists in this process, and
+# size each call's pool to torch's thread count with runtime.config_threadpool (see _use_torch_threads).
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+_pool_threads = threading.local()
+logger = logging.getLogger(__name__)
+
+
+def _use_torch_threads() -> None:
+    """Run TVM's thread pool of the calling thread on ``torch.get_num_threads()`` threads.
+
+    ``runtime.config_threadpool(1, n)`` (mode 1: TVM's default affinity) reconfigures the calling
+    thread's pool to ``n`` workers, at most TVM_NUM_THREADS; it costs microseconds, and runs only
+    when torch's count changed since the last call in this thread.
+    """
+    wanted = torch.get_num_threads()
+    if getattr(_pool_threads, "count", None) == wanted:
+        return
+    tvm.get_global_func("runtime.config_threadpool")(1, wanted)
+    _pool_threads.count = wanted
+    if tvm.runtime.num_threads() < wanted:
+        logger.warning(
+            "gspn_tvm: TVM's thread pool runs %d threads, torch %d: set TVM_NUM_THREADS=%d before the first TVM call",
+            tvm.runtime.num_threads(), wanted, wanted,
+        )  # fmt: skip
+
+
 # torch.export gives every dynamic dimension a lower bound of at least 2 (it specializes sizes 0
 # and 1); the compiled code has no such limit, so only larger bounds are kept as requirements.
 _TORCH_SPECIALIZATION_FLOOR = 2
@@ -169,7 +199,7 @@ class ScanEmitter:
 
 
 class _GSPNOnnxImporter(onnx_frontend.ONNXGraphImporter):
-    """TVM's ONNX importer, plus ``gspn::GSPNScan`` (SPEC section 7) lowered to the project's scan."""
+    """TVM's ONNX importer, plus ``gspn::GSPNScan`` (docs/operator.md ("The ONNX operator")) lowered to the project's scan."""
 
     def __init__(self, emitter: ScanEmitter, **kwargs):
         super().__init__(**kwargs)
@@ -313,6 +343,7 @@ class CompiledModel:
         # TVM takes DLPack data only 64-byte aligned; a tensor over a numpy buffer may not be: copy it.
         tensors = [t.contiguous() for t in tensors]
         inputs = [tvm.runtime.from_dlpack(t if t.data_ptr() % 64 == 0 else t.clone()) for t in tensors]
+        _use_torch_threads()
         return _to_torch(self._main(*inputs, *self._params))
 
     def save(self, path: str | os.PathLike) -> Path:
