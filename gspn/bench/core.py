@@ -112,9 +112,11 @@ def describe(machine_info: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores, {m['memory_GiB']} GiB, torch {m['torch']} ({m['torch_threads']} threads)"
 
 
-def row(table: str, case: str, backend: str, seconds: float, *, direction: str = "all", pass_: str = "forward",
+def row(table: str, case: str, backend: str, seconds: float | None, *, direction: str = "all", pass_: str = "forward",
         dtype: str = "float32", floor_seconds: float | None = None, **extra) -> dict:  # fmt: skip
-    """One benchmark row (see the module docstring); ``extra`` keyword values go under ``"extra"``."""
+    """One benchmark row (see the module docstring); ``extra`` keyword values go under ``"extra"``.
+    ``seconds=None`` for a row that measures something other than time (``ms`` is then None)."""
+    timed = seconds is not None
     return {
         "table": table,
         "case": case,
@@ -122,9 +124,9 @@ def row(table: str, case: str, backend: str, seconds: float, *, direction: str =
         "pass": pass_,
         "backend": backend,
         "dtype": dtype,
-        "ms": round(seconds * 1e3, 4),
+        "ms": round(seconds * 1e3, 4) if timed else None,
         "floor_ms": None if floor_seconds is None else round(floor_seconds * 1e3, 4),
-        "x_floor": None if floor_seconds is None else round(seconds / floor_seconds, 2),
+        "x_floor": None if floor_seconds is None or not timed else round(seconds / floor_seconds, 2),
         "baseline": None,
         "speedup": None,
         "extra": extra,

@@ -71,11 +71,40 @@ def plot_models(rows: list[dict], machine: dict, path: Path) -> Path | None:
     return path
 
 
+def plot_crossover(rows: list[dict], machine: dict, path: Path) -> Path | None:
+    """Latency against the side of the map, GSPN layer (solid) and attention (dashed), per backend."""
+    rows = [r for r in rows if r["table"] == "crossover"]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    for index, backend in enumerate(backends):
+        color = f"C{index}"
+        for model, style in (("GSPN", "-"), ("attention", "--")):
+            points = sorted((int(r["case"].rsplit("x", 1)[1]), r["ms"]) for r in rows
+                            if r["backend"] == backend and r["case"].startswith(model))  # fmt: skip
+            if points:
+                ax.plot(*zip(*points), style, marker="o", color=color, label=f"{model} ({backend})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("side of the map (tokens = side^2)")
+    ax.set_ylabel("ms (log)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("GSPN layer vs attention over the same tokens", fontsize=9)
+    fig.suptitle(describe(machine), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_results(payload: dict, json_path: Path) -> list[Path]:
     """Every plot of ``payload``, named after ``json_path`` (``bench.json`` -> ``bench_scan.png``...)."""
     stem = Path(json_path).with_suffix("")
     made = [
         plot_scans(payload["rows"], payload["machine"], Path(f"{stem}_scan.png")),
         plot_models(payload["rows"], payload["machine"], Path(f"{stem}_models.png")),
+        plot_crossover(payload["rows"], payload["machine"], Path(f"{stem}_crossover.png")),
     ]
     return [p for p in made if p is not None]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import models, scans
+from . import crossover, models, scans
 from .core import add_speedups, copy_bandwidth, describe, format_table, machine, row, save_results
 from .plot import plot_results
 
@@ -41,15 +41,25 @@ def compile_rows(dtype: str = "float32") -> list[dict]:
 
 
 def soak_rows(quick: bool) -> list[dict]:
-    """Table ``"soak"``: resident-memory growth over many runs of each native boundary."""
+    """Table ``"soak"``: resident-memory growth over many runs of each native boundary, and one
+    session run from many threads (``ms`` is the time of the whole soak)."""
     from export import soak as ort_soak
     from gspn_tvm import soak as tvm_soak
 
     cycles = 200 if quick else 2000
     rows = []
-    for name, result in (("ort-custom session cycles", ort_soak.run(cycles)),
-                         ("tvm-cpu kernel calls", tvm_soak.run(cycles))):  # fmt: skip
-        rows.append(row("soak", name, result.pop("backend", name.split()[0]), result.pop("seconds"), **result))
+    start = time.perf_counter()
+    report = ort_soak.session_cycles(cycles)
+    rows.append(row("soak", f"{cycles} session create/run/destroy cycles", "ort-custom", time.perf_counter() - start,
+                    growth_MiB=round(report["growth"] / 2**20, 2), bound_MiB=round(report["bound"] / 2**20, 2),
+                    ok=report["ok"]))  # fmt: skip
+    start = time.perf_counter()
+    report = ort_soak.threaded_runs(8, 200)
+    rows.append(row("soak", "8 threads x 200 runs on one session", "ort-custom", time.perf_counter() - start,
+                    outputs=report["produced"], differing_bitwise=report["differing"], ok=report["ok"]))  # fmt: skip
+    for kernel in tvm_soak.soak(cycles):
+        rows.append(row("soak", f"{kernel['calls']} calls of {kernel['kernel']}", "tvm-cpu", None,
+                        growth_KiB=kernel["growth_kib"], ok=kernel["within_bound"]))  # fmt: skip
     return rows
 
 
@@ -75,6 +85,11 @@ def run(json_path: str | os.PathLike = "out/bench.json", quick: bool = False) ->
     rows += models.run(quick=quick)
     add_speedups(rows, "torch-reference")
     print(format_table([r for r in rows if r["table"] == "model"], models.COLUMNS))
+
+    print("\n== the GSPN layer against attention over the same tokens (forward, float32)")
+    rows += crossover.run(quick=quick)
+    print(format_table([r for r in rows if r["table"] == "crossover"], crossover.COLUMNS))
+    print("smallest side from which the layer is faster:", crossover.crossover_sides(rows))
 
     print("\n== resident memory over many runs")
     rows += soak_rows(quick)
