@@ -1,6 +1,10 @@
 """Build the ONNX Runtime custom-operator library (``libgspn_ortops.so``) from its C++ sources.
 
-    python -m export.build [--force] [--cpp-host]
+    python -m export.build [--force] [--cpp-host] [--dest DIR]
+
+The library lives inside the package, at ``export/lib/libgspn_ortops.so``: a wheel carries it
+there (``setup.py`` builds it when the package is built), and in a source checkout
+``python -m export.build`` (run by ``make``) builds it in place. ``export.library_path()`` finds it.
 
 The build needs ONNX Runtime's C/C++ API headers (version 1.21 or newer): ``ORT_INCLUDE_DIR`` if
 set, else ``build/ort-headers`` as filled by ``scripts/fetch_ort_headers.sh``. The library links
@@ -25,7 +29,7 @@ from gspn_tvm import isa
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIR = Path(__file__).resolve().parent / "ortops"
-BUILD_DIR = REPO_ROOT / "build" / "ortops"
+LIBRARY_DIR = Path(__file__).resolve().parent / "lib"
 LIBRARY_NAME = "libgspn_ortops.so"
 FETCHED_HEADERS = REPO_ROOT / "build" / "ort-headers"
 HEADER = "onnxruntime_cxx_api.h"
@@ -129,19 +133,29 @@ def _fingerprint(command: list[str], compiler: str) -> str:
     return digest.hexdigest()
 
 
-def built_library_path() -> Path:
-    """Where the library is (or will be) built."""
-    return BUILD_DIR / LIBRARY_NAME
+def built_library_path(dest: Path | None = None) -> Path:
+    """Where the library is (or will be) built: ``dest`` or the package's ``lib/`` folder."""
+    return Path(dest or LIBRARY_DIR) / LIBRARY_NAME
 
 
-def build_library(force: bool = False, verbose: bool = False) -> Path:
-    """Compile the library if its sources changed (or ``force``); returns its path."""
+def have_sources() -> bool:
+    """True in a source checkout (the project's pyproject.toml above the package, the C++ sources
+    beside this module); False in an installed wheel, even one that carries the sources."""
+    return (REPO_ROOT / "pyproject.toml").is_file() and SOURCE_DIR.is_dir() and any(
+        p.suffix == ".cc" for p in SOURCE_DIR.iterdir()
+    )
+
+
+def build_library(force: bool = False, verbose: bool = False, dest: Path | None = None) -> Path:
+    """Compile the library into ``dest`` (default: the package's ``lib/``) if its sources, the
+    compiler command or the compiler changed (or ``force``); returns its path."""
     compiler = _compiler()
     include_dir = find_ort_include_dir()
-    library = built_library_path()
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = BUILD_DIR / (LIBRARY_NAME + ".fingerprint")
-    with open(BUILD_DIR / ".build.lock", "w") as lock:
+    library = built_library_path(dest)
+    folder = library.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / (LIBRARY_NAME + ".fingerprint")
+    with open(folder / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers build once
         command = _command(compiler, include_dir, library)
         fingerprint = _fingerprint(command, compiler)
@@ -152,7 +166,7 @@ def build_library(force: bool = False, verbose: bool = False) -> Path:
             and stamp.read_text().strip() == fingerprint
         ):
             return library
-        with tempfile.NamedTemporaryFile(dir=BUILD_DIR, suffix=".so", delete=False) as tmp:
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         try:
             command = _command(compiler, include_dir, partial)
@@ -214,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--cpp-host", action="store_true", help="also build examples/cpp")
+    parser.add_argument("--dest", type=Path, default=None, help="folder for the library (default: export/lib)")
     args = parser.parse_args(argv)
     try:
-        print(build_library(force=args.force, verbose=True))
+        print(build_library(force=args.force, verbose=True, dest=args.dest))
         if args.cpp_host:
             print(build_cpp_host())
     except BuildError as error:

@@ -10,14 +10,25 @@ import onnxruntime as ort
 
 
 def library_path() -> Path:
-    """Path of the custom-operator library ``libgspn_ortops.so``, built first if out of date.
+    """Path of the custom-operator library ``libgspn_ortops.so`` inside the package.
 
-    Raises ``export.build.BuildError`` (saying how to get the ONNX Runtime headers) when it cannot
-    be built.
+    An installed wheel carries it and this only finds it. In a source checkout (the C++ sources
+    beside the package), the development path: it is (re)built in place when missing or when its
+    sources changed, as ``python -m export.build`` does. Raises ``export.build.BuildError`` saying
+    what is missing and how to get it.
     """
-    from .build import build_library
+    from . import build
 
-    return build_library()
+    if build.have_sources():
+        return build.build_library()
+    library = build.built_library_path()
+    if not library.is_file():
+        raise build.BuildError(
+            f"{library} is missing: this installation of the package has neither the ONNX Runtime "
+            "custom-operator library nor its sources. Reinstall the wheel, or install from a source "
+            "checkout (`make setup`, or `python -m export.build` there)."
+        )
+    return library
 
 
 def session(
