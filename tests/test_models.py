@@ -1,6 +1,6 @@
 """The paper's networks (gspn_ref.models) against the original code's vectors, configs and checkpoints.
 
-``tests/data/official_gspn_tiny16.npz`` and ``official_gspn_archs.json`` are copies of
+``gspn_ref/data/official_gspn_tiny16.npz`` and ``official_gspn_archs.json`` are copies of
 ``shared/conformance`` (see ``OFFICIAL_MODEL.md`` there): the original network run on CPU, and the
 original full architectures' state-dict layouts.
 """
@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import gspn_ref
 from gspn_ref import gspn_scan
 from gspn_ref.models import (
     DEFAULT_CONFIG,
@@ -36,7 +37,8 @@ from gspn_ref.models import (
     read_checkpoint,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "data"  # official_gspn_archs.json
+PACKAGE_DATA = Path(gspn_ref.__file__).parent / "data"  # official_gspn_tiny16.npz (shipped with the package)
 
 # OFFICIAL_MODEL.md section 12: the official float32 run is within 4e-6 (logits), 3e-6 (first mixer)
 # and 4e-5 (layer3, values up to ~10) of its own float64 run; a float32 port carries rounding errors
@@ -56,7 +58,7 @@ FLOAT64_ATOL = 1e-9  # float64 port vs the official float64 logits (section 12)
 
 @pytest.fixture(scope="module")
 def vectors():
-    with np.load(DATA / "official_gspn_tiny16.npz", allow_pickle=False) as data:
+    with np.load(PACKAGE_DATA / "official_gspn_tiny16.npz", allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 
 

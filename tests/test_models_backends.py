@@ -1,7 +1,7 @@
 """The paper's network on every backend, against the eager reference, on the original code's tiny16 case.
 
 The network is the original's tiny configuration with ``EMBED_DIM 16`` and 10 classes, its state dict
-loaded strictly from ``tests/data/official_gspn_tiny16.npz`` (see ``tests/test_models.py``). Backends:
+loaded strictly from ``gspn_ref/data/official_gspn_tiny16.npz`` (see ``tests/test_models.py``). Backends:
 the TVM kernels in torch eager (forward and backward), ONNX Runtime with the custom operator (at the
 export size and another square size), the portable ONNX form in stock ONNX Runtime, TVM Relax from
 torch and from ONNX, and the saved Relax artifact run by the TVM runtime alone.
@@ -35,11 +35,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import gspn_ref
 import export
 import gspn_tvm
 from gspn_ref.models import from_official_config
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "data"  # official_gspn_archs.json
+PACKAGE_DATA = Path(gspn_ref.__file__).parent / "data"  # official_gspn_tiny16.npz (shipped with the package)
 LOADER_FILE = Path(__file__).resolve().parents[1] / "gspn_tvm" / "runtime_loader.py"
 EXPORT_SIZE, OTHER_SIZE = 64, 48  # the vectors' size; another square size (maps 12, 6, 3, 2)
 ORIGINAL_LOGITS_ATOL = 1e-4  # OFFICIAL_MODEL.md section 12: a float32 port on the original's logits
@@ -53,7 +55,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 @pytest.fixture(scope="module")
 def vectors():
-    with np.load(DATA / "official_gspn_tiny16.npz", allow_pickle=False) as data:
+    with np.load(PACKAGE_DATA / "official_gspn_tiny16.npz", allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 
 

@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import gspn_ref
 from helpers import FLOAT_DTYPES, assert_close_scaled, make_scan_inputs, naive_scan_float64, scan_cases
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gspn_ref import DIRECTIONS, GSPN, affinity_matrix, gspn_scan, gspn_scan_ref, line_count
 
-CONFORMANCE = Path(__file__).resolve().parent / "data" / "official_l2r_vectors.npz"
+CONFORMANCE = Path(gspn_ref.__file__).resolve().parent / "data" / "official_l2r_vectors.npz"
 
 
 @given(case=scan_cases(), dtype=st.sampled_from(FLOAT_DTYPES))
