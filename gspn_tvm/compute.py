@@ -316,3 +316,285 @@ def scan_backward(direction: str, dtype: str):
                                 dgr[vb, vg, i, j] = T.Cast(dtype, weight_grad[2, vp])
 
     return backward.with_attr("global_symbol", backward_name(direction))
+
+
+# --- CPU column scans: the tiles written into the TensorIR ------------------------------------------
+#
+# A compute variant for one target, against the house rule "compute apart from schedule", because
+# TVM 0.27's scheduling primitives cannot express it: staging a tile of columns with cache_read /
+# compute_at at a tile loop over a symbolic extent allocates the staged buffers plane-sized (H x W
+# per task, kept by the runtime's workspace pool after the call: 6x the data per thread), and the
+# ways around it fail on symbolic shapes (read_at and loop_partition), reversed scans (a ``j % TILE``
+# layout) or nested blocks (buffers never shrunk under a predicate). Here every staged buffer is
+# declared inside the tile block with ``TILE * (H + PAD)`` elements, so one task holds at most that
+# much per staged tensor, whatever W, B and C are. All of a task's tiles are declared in the same
+# block: the runtime's per-thread workspace pool returns a buffer declared one loop deeper (a channel
+# block inside the tile block) only at the end of the task, so such buffers piled up to plane size
+# again (measured: +387 MiB after one adjoint at (1, 2, 2048, 2048), 6 MiB with one level). The
+# pool keeps the tiles after the call (bounded: one task's tiles per thread). The arithmetic is the same as in
+# :func:`scan_forward` / :func:`scan_backward` (same expressions, same selects to zero).
+
+#: Elements added to every staged row: staged rows of a power-of-two length would all map to the
+#: same cache sets.
+TILE_PAD = 16
+
+
+def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
+    """Forward column scan (``l2r``/``r2l``) staged through ``tile``-column transposed tiles.
+
+    Same arguments and result as :func:`scan_forward`. Blocks: ``plane`` per ``(b, c)``; inside it
+    ``tile`` per ``tile`` columns in scan order, holding ``stage_in`` (the tile's inputs copied row by
+    row into ``(tile, H + TILE_PAD)`` float32 buffers, transposed so that a column is contiguous),
+    ``line`` per column (``step``, ``ends``, ``carry`` as in :func:`scan_forward`, the new column
+    written to the staged output) and ``stage_out`` (copied back row by row, converted to ``dtype``).
+    """
+    assert is_column(direction), direction
+    reversed_ = is_reversed(direction)
+    f32 = ACCUMULATION_DTYPE
+
+    @T.prim_func(s_tir=True)
+    def forward(
+        x_handle: T.handle,
+        lam_handle: T.handle,
+        gl_handle: T.handle,
+        gm_handle: T.handle,
+        gr_handle: T.handle,
+        h_handle: T.handle,
+        chunk: T.int64,
+    ):
+        T.func_attr({"tir.noalias": True})
+        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
+        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
+        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
+        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
+        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
+        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
+        chk = T.meta_var(T.Cast("int64", chunk))
+        assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
+        assert chk >= 0, "chunk: expected an int >= 0"
+        n_tiles = T.meta_var((W + (tile - 1)) // tile)
+        for b, c in T.grid(B, C):
+            with T.sblock("plane"):
+                vb, vc = T.axis.remap("SS", [b, c])
+                T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], gl[vb, 0:G, 0:H, 0:W], gm[vb, 0:G, 0:H, 0:W], gr[vb, 0:G, 0:H, 0:W])
+                T.writes(h[vb, vc, 0:H, 0:W])
+                vg = T.meta_var(vc // (C // G))
+                state = T.sblock_alloc_buffer((H + 2,), f32)
+                for q in range(H + 2):
+                    with T.sblock("clear"):
+                        vq = T.axis.spatial(H + 2, q)
+                        state[vq] = T.float32(0)
+                for t in range(n_tiles):
+                    with T.sblock("tile"):
+                        vt = T.axis.opaque(n_tiles, t)
+                        first = T.meta_var(vt * tile)
+                        count = T.meta_var(T.min(W - first, tile))
+                        # column of step first + k: first + k (l2r) or W - 1 - first - k (r2l)
+                        col = T.meta_var(lambda k: W - 1 - first - k if reversed_ else first + k)
+                        xs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        lams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        gls = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        gms = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        grs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        hs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        for i, k in T.grid(H, count):
+                            with T.sblock("stage_in"):
+                                vi, vk = T.axis.remap("SS", [i, k])
+                                xs[vk, vi] = T.Cast(f32, x[vb, vc, vi, col(vk)])
+                                lams[vk, vi] = T.Cast(f32, lam[vb, vc, vi, col(vk)])
+                                gls[vk, vi] = T.Cast(f32, gl[vb, vg, vi, col(vk)])
+                                gms[vk, vi] = T.Cast(f32, gm[vb, vg, vi, col(vk)])
+                                grs[vk, vi] = T.Cast(f32, gr[vb, vg, vi, col(vk)])
+                        for k in range(count):
+                            with T.sblock("line"):
+                                vk = T.axis.opaque(tile, k)
+                                restart = T.meta_var(_starts_segment(first + vk, chk))
+                                for p in range(H):
+                                    with T.sblock("step"):
+                                        vp = T.axis.spatial(H, p)
+                                        propagated = T.meta_var(
+                                            gls[vk, vp] * state[vp] + gms[vk, vp] * state[vp + 1] + grs[vk, vp] * state[vp + 2]
+                                        )
+                                        hs[vk, vp] = lams[vk, vp] * xs[vk, vp] + T.Select(restart, T.float32(0), propagated)
+                                for e in range(2):
+                                    with T.sblock("ends"):
+                                        ve = T.axis.spatial(2, e)
+                                        vp = T.meta_var(ve * (H - 1))
+                                        propagated = T.meta_var(
+                                            _term(vp > 0, gls[vk, vp], state[vp])
+                                            + gms[vk, vp] * state[vp + 1]
+                                            + _term(vp + 1 < H, grs[vk, vp], state[vp + 2])
+                                        )
+                                        hs[vk, vp] = lams[vk, vp] * xs[vk, vp] + T.Select(restart, T.float32(0), propagated)
+                                for p in range(H):
+                                    with T.sblock("carry"):
+                                        vp = T.axis.spatial(H, p)
+                                        state[vp + 1] = hs[vk, vp]
+                        for i, k in T.grid(H, count):
+                            with T.sblock("stage_out"):
+                                vi, vk = T.axis.remap("SS", [i, k])
+                                h[vb, vc, vi, col(vk)] = T.Cast(dtype, hs[vk, vi])
+
+    return forward.with_attr("global_symbol", forward_name(direction))
+
+
+def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
+    """Adjoint column scan (``l2r``/``r2l``) staged through ``tile``-column transposed tiles.
+
+    Same arguments and results as :func:`scan_backward`, same ``flow`` state. Tiles follow the
+    visiting order (reverse scan order). Per tile: the group's weights are staged once; per channel
+    of the group, ``gh, x, lam`` and the forward output of each column's *predecessor* are staged,
+    the columns are visited (``adjoint_step``, ``input_gradients`` into staged ``dx, dlam``,
+    ``flow``, and the three weight-gradient contributions accumulated in float32 tiles over the
+    group's channels) and ``dx, dlam`` are copied back; then the weight gradients. The contributions
+    of ``gl`` at ``p = 0`` and ``gr`` at ``p = P - 1`` are never accumulated (their loops start or
+    stop one position early), so they stay exactly 0 without a select in the position loop.
+    """
+    assert is_column(direction), direction
+    reversed_ = is_reversed(direction)
+    f32 = ACCUMULATION_DTYPE
+
+    @T.prim_func(s_tir=True)
+    def backward(
+        gh_handle: T.handle,
+        x_handle: T.handle,
+        lam_handle: T.handle,
+        gl_handle: T.handle,
+        gm_handle: T.handle,
+        gr_handle: T.handle,
+        h_handle: T.handle,
+        dx_handle: T.handle,
+        dlam_handle: T.handle,
+        dgl_handle: T.handle,
+        dgm_handle: T.handle,
+        dgr_handle: T.handle,
+        chunk: T.int64,
+    ):
+        T.func_attr({"tir.noalias": True})
+        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        gh = T.match_buffer(gh_handle, (B, C, H, W), dtype)
+        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
+        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
+        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
+        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
+        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
+        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
+        dx = T.match_buffer(dx_handle, (B, C, H, W), dtype)
+        dlam = T.match_buffer(dlam_handle, (B, C, H, W), dtype)
+        dgl = T.match_buffer(dgl_handle, (B, G, H, W), dtype)
+        dgm = T.match_buffer(dgm_handle, (B, G, H, W), dtype)
+        dgr = T.match_buffer(dgr_handle, (B, G, H, W), dtype)
+        chk = T.meta_var(T.Cast("int64", chunk))
+        assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
+        assert chk >= 0, "chunk: expected an int >= 0"
+        group_size = T.meta_var(C // G)
+        n_tiles = T.meta_var((W + (tile - 1)) // tile)
+        for b, g in T.grid(B, G):
+            with T.sblock("slice"):
+                vb, vg = T.axis.remap("SS", [b, g])
+                channels = T.meta_var(slice(vg * group_size, vg * group_size + group_size))
+                T.reads(gh[vb, channels, 0:H, 0:W], x[vb, channels, 0:H, 0:W], lam[vb, channels, 0:H, 0:W],
+                        h[vb, channels, 0:H, 0:W], gl[vb, vg, 0:H, 0:W], gm[vb, vg, 0:H, 0:W], gr[vb, vg, 0:H, 0:W])  # fmt: skip
+                T.writes(dx[vb, channels, 0:H, 0:W], dlam[vb, channels, 0:H, 0:W], dgl[vb, vg, 0:H, 0:W],
+                         dgm[vb, vg, 0:H, 0:W], dgr[vb, vg, 0:H, 0:W])  # fmt: skip
+                flow = T.sblock_alloc_buffer((group_size + 1, 3, H + 2), f32)
+                adjoint = T.sblock_alloc_buffer((H,), f32)
+                for k, t, q in T.grid(group_size + 1, 3, H + 2):
+                    with T.sblock("clear_flow"):
+                        vk, vt, vq = T.axis.remap("SSS", [k, t, q])
+                        flow[vk, vt, vq] = T.float32(0)
+                for r in range(n_tiles):
+                    with T.sblock("tile"):
+                        vr = T.axis.opaque(n_tiles, r)
+                        first = T.meta_var(vr * tile)  # visit index of the tile's first column
+                        count = T.meta_var(T.min(W - first, tile))
+                        # scan step of visit index first + m, and its column
+                        step = T.meta_var(lambda m: W - 1 - first - m)
+                        col = T.meta_var(lambda m: first + m if reversed_ else W - 1 - first - m)
+                        # column of the predecessor (step - 1, clamped at 0: a segment start never uses it)
+                        pred_col = T.meta_var(lambda m: (W - 1 - T.max(step(m) - 1, 0)) if reversed_ else T.max(step(m) - 1, 0))
+                        gls = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        gms = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        grs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        wgrad = T.sblock_alloc_buffer((3, tile, H + TILE_PAD), f32)
+                        ghs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        xs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        lams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        hps = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        dxs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        dlams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        for i, m in T.grid(H, count):
+                            with T.sblock("stage_weights"):
+                                vi, vm = T.axis.remap("SS", [i, m])
+                                gls[vm, vi] = T.Cast(f32, gl[vb, vg, vi, col(vm)])
+                                gms[vm, vi] = T.Cast(f32, gm[vb, vg, vi, col(vm)])
+                                grs[vm, vi] = T.Cast(f32, gr[vb, vg, vi, col(vm)])
+                        for t, m, p in T.grid(3, count, H):
+                            with T.sblock("clear_weight_grad"):
+                                vt, vm, vp = T.axis.remap("SSS", [t, m, p])
+                                wgrad[vt, vm, vp] = T.float32(0)
+                        for k in range(group_size):
+                            with T.sblock("channel"):
+                                vk = T.axis.opaque(group_size, k)
+                                vc = T.meta_var(vg * group_size + vk)
+                                for i, m in T.grid(H, count):
+                                    with T.sblock("stage_in"):
+                                        vi, vm = T.axis.remap("SS", [i, m])
+                                        ghs[vm, vi] = T.Cast(f32, gh[vb, vc, vi, col(vm)])
+                                        xs[vm, vi] = T.Cast(f32, x[vb, vc, vi, col(vm)])
+                                        lams[vm, vi] = T.Cast(f32, lam[vb, vc, vi, col(vm)])
+                                        hps[vm, vi] = T.Cast(f32, h[vb, vc, vi, pred_col(vm)])
+                                for m in range(count):
+                                    with T.sblock("line"):
+                                        vm = T.axis.opaque(tile, m)
+                                        vs = T.meta_var(step(vm))
+                                        no_successor = T.meta_var(T.Or(vs + 1 >= W, _starts_segment(vs + 1, chk)))
+                                        restart = T.meta_var(_starts_segment(vs, chk))
+                                        successor = T.meta_var(T.Select(no_successor, group_size, vk))
+                                        for p in range(H):
+                                            with T.sblock("adjoint_step"):
+                                                vp = T.axis.spatial(H, p)
+                                                adjoint[vp] = ghs[vm, vp] + (
+                                                    flow[successor, 0, vp + 2] + flow[successor, 1, vp + 1] + flow[successor, 2, vp]
+                                                )
+                                        for p in range(H):
+                                            with T.sblock("input_gradients"):
+                                                vp = T.axis.spatial(H, p)
+                                                dxs[vm, vp] = lams[vm, vp] * adjoint[vp]
+                                                dlams[vm, vp] = xs[vm, vp] * adjoint[vp]
+                                        for p in range(H):
+                                            with T.sblock("flow"):
+                                                vp = T.axis.spatial(H, p)
+                                                flow[vk, 0, vp + 1] = gls[vm, vp] * adjoint[vp]
+                                                flow[vk, 1, vp + 1] = gms[vm, vp] * adjoint[vp]
+                                                flow[vk, 2, vp + 1] = grs[vm, vp] * adjoint[vp]
+                                        # neighbour p - 1 (gl, from p = 1), p (gm), p + 1 (gr, to p = P - 2)
+                                        for p in range(H - 1):
+                                            with T.sblock("contribution_left"):
+                                                vp = T.axis.spatial(H - 1, p)
+                                                wgrad[0, vm, vp + 1] = wgrad[0, vm, vp + 1] + T.Select(
+                                                    restart, T.float32(0), adjoint[vp + 1] * hps[vm, vp])
+                                        for p in range(H):
+                                            with T.sblock("contribution_middle"):
+                                                vp = T.axis.spatial(H, p)
+                                                wgrad[1, vm, vp] = wgrad[1, vm, vp] + T.Select(
+                                                    restart, T.float32(0), adjoint[vp] * hps[vm, vp])
+                                        for p in range(H - 1):
+                                            with T.sblock("contribution_right"):
+                                                vp = T.axis.spatial(H - 1, p)
+                                                wgrad[2, vm, vp] = wgrad[2, vm, vp] + T.Select(
+                                                    restart, T.float32(0), adjoint[vp] * hps[vm, vp + 1])
+                                for i, m in T.grid(H, count):
+                                    with T.sblock("stage_out"):
+                                        vi, vm = T.axis.remap("SS", [i, m])
+                                        dx[vb, vc, vi, col(vm)] = T.Cast(dtype, dxs[vm, vi])
+                                        dlam[vb, vc, vi, col(vm)] = T.Cast(dtype, dlams[vm, vi])
+                        for i, m in T.grid(H, count):
+                            with T.sblock("store_weight_grad"):
+                                vi, vm = T.axis.remap("SS", [i, m])
+                                dgl[vb, vg, vi, col(vm)] = T.Cast(dtype, wgrad[0, vm, vi])
+                                dgm[vb, vg, vi, col(vm)] = T.Cast(dtype, wgrad[1, vm, vi])
+                                dgr[vb, vg, vi, col(vm)] = T.Cast(dtype, wgrad[2, vm, vi])
+
+    return backward.with_attr("global_symbol", backward_name(direction))
