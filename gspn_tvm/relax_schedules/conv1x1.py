@@ -1,0 +1,43 @@
+"""1x1 convolutions (and ``Linear2d``) in NCHW: ``out[n, co, h, w] += x[n, ci, h, w] * w[co, ci]``."""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from .analysis import indexed_by, iterators, output_vars, position, reads_using, single_reduction
+from .base import GSPNRule, ReductionPattern, tiled_reduction, uses_var
+
+
+class Conv1x1(GSPNRule):
+    """Register-tiled 1x1 convolution: a tile of output channels x a vector of pixels (``h*w`` as
+    one contiguous loop) per task, reduction over input channels with the accumulators in registers.
+
+    Applies to a static-size function with one reduction block whose output is 4-D, whose last two
+    output axes are spatial iterators ``h, w`` that some input reads at its own last two axes
+    unchanged (pointwise), and whose channel axis is read by another input (the weight) that does
+    not depend on ``h, w``.
+    """
+
+    def schedule(self, func, target):
+        sch = s_tir.Schedule(func)
+        found = single_reduction(sch, keep_pad=False)
+        if found is None:
+            return None
+        block, _, epilogues = found
+        stmt = sch.get(block)
+        axes = output_vars(stmt)
+        if axes is None or len(axes) != 4 or any(v is None for v in axes[1:]):
+            return None
+        _, reduction = iterators(stmt)
+        channel, row, col = axes[1], axes[2], axes[3]
+        data = reads_using(stmt, col)
+        weights = reads_using(stmt, channel)
+        if not reduction or not data or not weights or len(reads_using(stmt, row)) != len(data):
+            return None
+        if not all(indexed_by(r.region, (row, col)) and not uses_var(r.region, channel) for r in data):
+            return None
+        if any(uses_var(r.region, row) or uses_var(r.region, col) for r in weights):
+            return None
+        pattern = ReductionPattern(vector=[position(stmt, row), position(stmt, col)], tile=position(stmt, channel))
+        tiled_reduction(sch, block, epilogues, pattern)
+        return sch

@@ -1,0 +1,59 @@
+"""Dense k x k convolutions in NCHW (patch embedding, downsampling): ``out[n, co, oh, ow] +=
+pad(x)[n, ci, s*oh + kh, s*ow + kw] * w[co, ci, kh, kw]``."""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from .analysis import iterators, output_vars, position, reads_using, single_reduction
+from .base import GSPNRule, ReductionPattern, tiled_reduction, uses_var
+
+
+#: Output rows of at most this many columns are vectorized whole (several rows per tile); wider
+#: rows (56: the patch embedding) measured faster one vector chunk per tile.
+MAX_ROW_VECTOR = 28
+#: Accumulators per tile when it spans rows (in L1 rather than registers: 8 KiB of float32).
+MAX_TILE_ELEMENTS = 2048
+TILE_CHANNELS = 8
+
+
+class SpatialConv(GSPNRule):
+    """Register-tiled dense convolution: a tile of output channels x a vector along the output row
+    per task, reductions (input channels, kernel rows and columns) outside the tile.
+
+    The padding stays a stage of its own (parallel, computed once) so that the inner loop reads
+    without bounds checks. Applies to a static-size function with one reduction block whose 4-D
+    output's channel is read by the weight only and whose output column is read by the data at a
+    shifted or strided position, with a reduction over the data's channel axis (so not depthwise,
+    which :class:`~.fallback.ParallelLoops` schedules).
+    """
+
+    def schedule(self, func, target):
+        sch = s_tir.Schedule(func)
+        found = single_reduction(sch, keep_pad=True)
+        if found is None:
+            return None
+        block, pads, epilogues = found
+        stmt = sch.get(block)
+        axes = output_vars(stmt)
+        if axes is None or len(axes) != 4 or any(v is None for v in axes[1:]):
+            return None
+        _, reduction = iterators(stmt)
+        channel, col = axes[1], axes[3]
+        data, weights = reads_using(stmt, col), reads_using(stmt, channel)
+        if len(data) != 1 or len(weights) != 1 or uses_var(data[0].region, channel) or uses_var(weights[0].region, col):
+            return None
+        if len(data[0].region) != 4 or not any(uses_var(data[0].region[1:2], r) for r in reduction):
+            return None  # depthwise (or not a convolution)
+        for pad in pads:
+            loops = sch.get_loops(pad)
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        pattern = ReductionPattern(vector=[position(stmt, col)], tile=position(stmt, channel))
+        rows, cols = (int(sch.get(sch.get_loops(block)[position(stmt, v)]).extent) for v in (axes[2], axes[3]))
+        if axes[2] is not None and cols <= MAX_ROW_VECTOR:
+            # Several whole output rows per tile: the weights (larger than the outputs in the
+            # downsampling layers) are read once per tile instead of once per row.
+            block_rows = max(k for k in range(1, rows + 1) if rows % k == 0 and TILE_CHANNELS * k * cols <= MAX_TILE_ELEMENTS)
+            pattern.rows, pattern.rows_block = position(stmt, axes[2]), block_rows
+        tiled_reduction(sch, block, epilogues, pattern)
+        return sch

@@ -1,0 +1,190 @@
+"""Structural tests of the Relax CPU schedule rules (``gspn_tvm.relax_schedules``), on generated IR.
+
+Each rule gets a PrimFunc legalized by Relax from one operator (what the pipeline hands it): the
+rule's loop structure is checked in the scheduled TIR (parallel outer loop, vectorized inner loop,
+unrolled register tile), the rule returns None where its pattern does not apply, and the scheduled
+function computes what the unscheduled one does (no timing here).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, s_tir, tirx
+
+from gspn_tvm.relax_schedules import (
+    Conv1x1, Elementwise, GSPNRule, Matmul, ParallelLoops, Reduction, SpatialConv, default_rules,
+)
+from gspn_tvm.relax_schedules.base import pick_vector_factor
+
+TARGET = tvm.target.Target("llvm")
+
+
+#: Parameter shapes of each PrimFunc made by :func:`legalized` (inputs, then the output).
+SHAPES: dict[int, list] = {}
+
+
+def legalized(build, *shapes) -> tirx.PrimFunc:
+    """The one PrimFunc Relax's LegalizeOps makes of ``build(*input vars)``."""
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(shape, "float32")) for i, shape in enumerate(shapes)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(build(*params))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    funcs = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert len(funcs) == 1
+    SHAPES[id(funcs[0])] = list(shapes)
+    return funcs[0]
+
+
+def conv1x1_func(height=14, width=56):
+    return legalized(lambda x, w: relax.op.nn.conv2d(x, w), (1, 16, height, width), (24, 16, 1, 1))
+
+
+def spatial_conv_func():
+    return legalized(lambda x, w: relax.op.nn.conv2d(x, w, strides=2, padding=1), (1, 8, 16, 16), (16, 8, 3, 3))
+
+
+def depthwise_func():
+    return legalized(lambda x, w: relax.op.nn.conv2d(x, w, padding=3, groups=8), (1, 8, 14, 14), (8, 1, 7, 7))
+
+
+def matmul_func():
+    return legalized(lambda a, b: relax.op.matmul(a, b), (4, 32), (32, 48))
+
+
+def mean_func():
+    return legalized(lambda x: relax.op.mean(x, axis=[1], keepdims=True), (1, 24, 14, 14))
+
+
+def sigmoid_func():
+    return legalized(lambda x: relax.op.sigmoid(x), (1, 24, 14, 16))
+
+
+def block_loops(func: tirx.PrimFunc) -> dict[str, list[tirx.ForKind]]:
+    """For every block of ``func``: the kinds of the loops around it, outermost first."""
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    return {sch.get(b).name_hint: [sch.get(loop).kind for loop in sch.get_loops(b)] for b in blocks}
+
+
+def kinds(func: tirx.PrimFunc) -> list[tirx.ForKind]:
+    """The loop kinds of every block, concatenated."""
+    return [kind for found in block_loops(func).values() for kind in found]
+
+
+P, S, U, V = tirx.ForKind.PARALLEL, tirx.ForKind.SERIAL, tirx.ForKind.UNROLLED, tirx.ForKind.VECTORIZED
+
+
+def scheduled(rule: GSPNRule, func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = rule.apply(func, TARGET, False)
+    assert sch is not None, f"{type(rule).__name__} did not apply"
+    return sch.mod["main"]
+
+
+def run(func: tirx.PrimFunc, shapes: list, out_shape: list) -> np.ndarray:
+    """The output of ``func`` on random inputs of ``shapes`` (NaN where it writes nothing)."""
+    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=TARGET)
+    rng = np.random.default_rng(0)
+    arrays = [tvm.runtime.tensor(rng.standard_normal(s).astype("float32")) for s in shapes]
+    out = tvm.runtime.tensor(np.full(out_shape, np.nan, dtype="float32"))
+    lib(*arrays, out)
+    return out.numpy()
+
+
+def assert_same_results(rule: GSPNRule, func: tirx.PrimFunc, out_shape: list) -> None:
+    """The rule's schedule computes what the fallback schedule of the same function does."""
+    shapes = SHAPES[id(func)]
+    expected = run(ParallelLoops().apply(func, TARGET, False).mod["main"], shapes, out_shape)
+    actual = run(scheduled(rule, func), shapes, out_shape)
+    assert not np.isnan(actual).any(), "the schedule left output elements unwritten"
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width", [(14, 56), (7, 7), (14, 14), (4, 28)])
+def test_conv1x1_register_tile(height, width):
+    func = scheduled(Conv1x1(), conv1x1_func(height, width))
+    found = block_loops(func)
+    # One parallel loop over (channel tile, pixel tile); the reduction over input channels; the
+    # register tile: 8 channels unrolled x a vector of pixels.
+    assert found["conv2d_nchw_update"] == [P, S, U, V]
+    assert found["conv2d_nchw_init"] == [P, U, V]
+    assert found["conv2d_nchw_local"][0] == P and found["conv2d_nchw_local"][-1] == V
+    assert 'scope="local"' in func.script()
+    assert_same_results(Conv1x1(), conv1x1_func(height, width), [1, 24, height, width])
+
+
+def test_conv1x1_does_not_claim_other_patterns():
+    for func in (spatial_conv_func(), depthwise_func(), matmul_func(), mean_func(), sigmoid_func()):
+        assert Conv1x1().apply(func, TARGET, False) is None
+
+
+def test_spatial_conv_keeps_padding_apart_and_tiles():
+    func = scheduled(SpatialConv(), spatial_conv_func())
+    found = block_loops(func)
+    assert found["pad_temp"][0] == P  # a stage of its own, so the inner loop has no bounds checks
+    # Reductions (channels, kernel rows, kernel columns), then the tile: output rows, 8 channels
+    # unrolled, a whole output row vectorized.
+    assert found["conv2d_nchw_update"] == [P, S, S, S, S, U, V]
+    assert "if_then_else" not in func.script().split('sblock("conv2d_nchw_update")')[1]
+    assert_same_results(SpatialConv(), spatial_conv_func(), [1, 16, 8, 8])
+
+
+def test_spatial_conv_leaves_depthwise_and_pointwise():
+    assert SpatialConv().apply(depthwise_func(), TARGET, False) is None
+    assert SpatialConv().apply(mean_func(), TARGET, False) is None
+
+
+def test_matmul_tiles_rows_and_vectorizes_columns():
+    func = scheduled(Matmul(), matmul_func())
+    assert block_loops(func)["matmul_update"] == [P, S, U, V]
+    assert Matmul().apply(sigmoid_func(), TARGET, False) is None
+    assert_same_results(Matmul(), matmul_func(), [4, 48])
+
+
+def test_reduction_only_on_reductions():
+    assert Reduction().apply(sigmoid_func(), TARGET, False) is None
+    func = scheduled(Reduction(), mean_func())
+    assert P in kinds(func)
+    assert_same_results(Reduction(), mean_func(), [1, 1, 14, 14])
+
+
+def test_elementwise_vectorizes_contiguous_rows():
+    func = scheduled(Elementwise(), sigmoid_func())
+    assert list(block_loops(func).values()) == [[P, S, V]]
+    assert Elementwise().apply(mean_func(), TARGET, False) is None
+    assert_same_results(Elementwise(), sigmoid_func(), [1, 24, 14, 16])
+
+
+def test_symbolic_sizes_fall_through_to_parallel_loops():
+    n = tirx.Var("n", "int64")
+    func = legalized(lambda x, w: relax.op.nn.conv2d(x, w), (1, 16, n, n), (24, 16, 1, 1))
+    for rule in default_rules()[:-1]:
+        if not isinstance(rule, Reduction):
+            assert rule.apply(func, TARGET, False) is None, type(rule).__name__
+    assert P in kinds(scheduled(ParallelLoops(), func))
+
+
+def test_vector_factor_never_straddles_rows():
+    assert pick_vector_factor([14, 56]) == 8
+    assert pick_vector_factor([14, 14]) == 14
+    assert pick_vector_factor([7, 7]) == 7
+    assert pick_vector_factor([4, 4]) == 16
+    assert pick_vector_factor([28]) == 14
+
+
+def test_failing_rule_is_logged_and_skipped(caplog):
+    class Broken(GSPNRule):
+        def schedule(self, func, target):
+            sch = s_tir.Schedule(func)
+            sch.get_sblock("no_such_block")
+            return sch
+
+    with caplog.at_level(logging.WARNING, logger="gspn_tvm.relax_schedules"):
+        assert Broken().apply(sigmoid_func(), TARGET, False) is None
+    assert any("rule Broken failed" in r.getMessage() and "no_such_block" in r.getMessage() for r in caplog.records)
