@@ -1,9 +1,18 @@
-"""Hypothesis profiles: ``ci`` (bounded, deterministic, no deadline; used by ``make test``) and ``dev``."""
+"""Hypothesis profiles: ``ci`` (bounded, deterministic, no deadline; used by ``make test``) and ``dev``.
+
+Tests are grouped by package (``ref/``, ``tvm/``, ``export/``), with the cross-backend suite in
+``backends/`` and the front door at the top; every test module imports the shared test helpers
+the same way, ``from helpers import ...`` (this folder is put on the import path here).
+"""
 
 import os
+import sys
+from pathlib import Path
 
-import torch
-from hypothesis import HealthCheck, settings
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from gspn_ref import is_column, is_reversed, line_count
 from gspn_ref.testing import (  # noqa: F401  (re-exported for the tests)
     FLOAT_DTYPES,
     ScanCase,
@@ -45,3 +46,29 @@ def naive_scan_float64(x, lam, gl, gm, gr, direction: str, chunk: int = 0) -> to
             h[:, :, line, p] = value
         previous = line
     return (h.transpose(2, 3) if columns else h).contiguous()
+
+
+def scan_order_of_line(direction, H, W):
+    """``(H*W,)`` tensor: the scan index ``s`` of the line holding each row-major position."""
+    i, j = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    line = j if is_column(direction) else i
+    n_lines = line_count(direction, H, W)
+    return (n_lines - 1 - line if is_reversed(direction) else line).flatten()
+
+
+def poison_unread_weights(gl, gm, gr, direction, chunk, poison=float("inf")):
+    """Copies of the weights with ``poison`` wherever SPEC section 2 says a weight is never used
+    (``gl`` at ``p = 0``, ``gr`` at ``p = P - 1``, all three on a segment-start line), and the
+    copies with 0 there; plus the boolean ``(H, W)`` masks of both kinds of position."""
+    H, W = gl.shape[-2:]
+    s = scan_order_of_line(direction, H, W).reshape(H, W)
+    starts = (s == 0) | ((s % chunk) == 0 if chunk else torch.zeros_like(s, dtype=torch.bool))
+    p_axis = -2 if is_column(direction) else -1
+    first = torch.zeros(H, W, dtype=torch.bool)
+    last = torch.zeros(H, W, dtype=torch.bool)
+    first.select(p_axis, 0).fill_(True)
+    last.select(p_axis, -1).fill_(True)
+    masks = (first | starts, starts, last | starts)
+    poisoned = tuple(w.masked_fill(m, poison) for w, m in zip((gl, gm, gr), masks))
+    zeroed = tuple(w.masked_fill(m, 0) for w, m in zip((gl, gm, gr), masks))
+    return poisoned, zeroed, first, last, starts

@@ -20,7 +20,7 @@ import torch
 from helpers import assert_close_scaled, make_scan_inputs, scan_cases
 from hypothesis import given
 from hypothesis import strategies as st
-from test_ref_properties import poison_unread_weights
+from helpers import poison_unread_weights
 
 from gspn_ref import gspn_scan_backward_ref, gspn_scan_ref
 from gspn_tvm import compute, kernels

@@ -112,6 +112,11 @@ def describe(machine_info: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores, {m['memory_GiB']} GiB, torch {m['torch']} ({m['torch_threads']} threads)"
 
 
+def _significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant digits (times span microseconds to seconds)."""
+    return float(f"{value:.{digits}g}")
+
+
 def row(table: str, case: str, backend: str, seconds: float | None, *, direction: str = "all", pass_: str = "forward",
         dtype: str = "float32", floor_seconds: float | None = None, **extra) -> dict:  # fmt: skip
     """One benchmark row (see the module docstring); ``extra`` keyword values go under ``"extra"``.
@@ -124,9 +129,9 @@ def row(table: str, case: str, backend: str, seconds: float | None, *, direction
         "pass": pass_,
         "backend": backend,
         "dtype": dtype,
-        "ms": round(seconds * 1e3, 4) if timed else None,
-        "floor_ms": None if floor_seconds is None else round(floor_seconds * 1e3, 4),
-        "x_floor": None if floor_seconds is None or not timed else round(seconds / floor_seconds, 2),
+        "ms": _significant(seconds * 1e3) if timed else None,
+        "floor_ms": None if floor_seconds is None else _significant(floor_seconds * 1e3),
+        "x_floor": None if floor_seconds is None or not timed else _significant(seconds / floor_seconds, 3),
         "baseline": None,
         "speedup": None,
         "extra": extra,

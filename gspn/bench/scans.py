@@ -19,8 +19,12 @@ from gspn_ref import DIRECTIONS, gspn_scan, gspn_scan_backward_ref, gspn_scan_re
 
 from .core import median_seconds, row, scan_bytes
 
-#: (B, C, G, H, W): large maps (beyond the caches), and the 56x56 stage of a classifier.
-FULL_SHAPES = ((2, 8, 8, 1024, 1024), (1, 192, 192, 56, 56), (1, 32, 32, 128, 128), (1, 16, 16, 256, 256))
+#: (B, C, G, H, W): large maps (beyond the caches), the 56x56 stage of a classifier, mid sizes, and
+#: the scans GSPN-T's token mixers run at 224x224 (four frames stacked along channels, per-channel
+#: weights; the network scans them l2r, with chunks 2, 2, 14, 7).
+GSPN_T_SHAPES = ((1, 576, 576, 56, 56), (1, 1152, 1152, 28, 28), (1, 2304, 2304, 14, 14), (1, 4608, 4608, 7, 7))
+FULL_SHAPES = ((2, 8, 8, 1024, 1024), (1, 192, 192, 56, 56), (1, 32, 32, 128, 128), (1, 16, 16, 256, 256),
+               *GSPN_T_SHAPES)  # fmt: skip
 QUICK_SHAPES = ((1, 4, 4, 512, 512), (1, 192, 192, 56, 56))
 #: The portable form runs one ONNX ``Scan`` step per line: only on maps up to this many elements.
 PORTABLE_MAX_ELEMENTS = 1 << 20

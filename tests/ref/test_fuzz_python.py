@@ -31,7 +31,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: helpers.py
 ROOT = HERE.parent
 
 ENTRIES = ("gspn_scan", "op", "op_backward", "ref", "ref_backward", "tvm_forward", "tvm_backward", "layer")

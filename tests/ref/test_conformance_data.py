@@ -17,7 +17,7 @@ TESTS_PINNED = {"official_gspn_archs.json": "8953636b1bca2bf4a52e07ce82d093ee9dd
 
 @pytest.mark.parametrize("folder, name, digest", [
     *((Path(gspn_ref.__file__).parent / "data", n, d) for n, d in PINNED.items()),
-    *((Path(__file__).parent / "data", n, d) for n, d in TESTS_PINNED.items()),
+    *((Path(__file__).resolve().parents[1] / "data", n, d) for n, d in TESTS_PINNED.items()),
 ], ids=lambda v: v if isinstance(v, str) and "." in v else "")  # fmt: skip
 def test_conformance_file_is_the_given_one(folder, name, digest):
     assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, f"{folder / name} was changed"

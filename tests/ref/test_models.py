@@ -37,7 +37,7 @@ from gspn_ref.models import (
     read_checkpoint,
 )
 
-DATA = Path(__file__).parent / "data"  # official_gspn_archs.json
+DATA = Path(__file__).resolve().parents[1] / "data"  # official_gspn_archs.json
 PACKAGE_DATA = Path(gspn_ref.__file__).parent / "data"  # official_gspn_tiny16.npz (shipped with the package)
 
 # OFFICIAL_MODEL.md section 12: the official float32 run is within 4e-6 (logits), 3e-6 (first mixer)

@@ -26,7 +26,7 @@ from gspn_tvm.relax_frontend import compile_model, compile_onnx
 from gspn_tvm.runtime_loader import SIGNATURE_VERSION, load_artifact
 from tests.helpers import assert_close_scaled
 
-LOADER_FILE = Path(__file__).resolve().parents[1] / "gspn_tvm" / "runtime_loader.py"
+LOADER_FILE = Path(__file__).resolve().parents[2] / "gspn_tvm" / "runtime_loader.py"
 SHAPE = (2, 4, 6, 5)
 
 

@@ -31,7 +31,7 @@ import gspn_ref
 from gspn_tvm import build, isa
 from tests.helpers import assert_close_scaled, make_scan_inputs
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE, DTYPE = "cpu", "float32"
 
 

@@ -25,7 +25,7 @@ import torch
 import gspn_ref
 from gspn_tvm import kernels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BEYOND_INT32 = (1, 2**21, 1, 32, 33)  # B, C, G, H, W: 33 * 2**26 elements (> 2**31), lines <= 33
 
 

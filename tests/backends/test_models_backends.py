@@ -40,9 +40,9 @@ import export
 import gspn_tvm
 from gspn_ref.models import from_official_config
 
-DATA = Path(__file__).parent / "data"  # official_gspn_archs.json
+DATA = Path(__file__).resolve().parents[1] / "data"  # official_gspn_archs.json
 PACKAGE_DATA = Path(gspn_ref.__file__).parent / "data"  # official_gspn_tiny16.npz (shipped with the package)
-LOADER_FILE = Path(__file__).resolve().parents[1] / "gspn_tvm" / "runtime_loader.py"
+LOADER_FILE = Path(__file__).resolve().parents[2] / "gspn_tvm" / "runtime_loader.py"
 EXPORT_SIZE, OTHER_SIZE = 64, 48  # the vectors' size; another square size (maps 12, 6, 3, 2)
 ORIGINAL_LOGITS_ATOL = 1e-4  # OFFICIAL_MODEL.md section 12: a float32 port on the original's logits
 MARGIN = 10  # a backend's error may be 10x the float32 reference's own (section 12)

@@ -182,7 +182,7 @@ def test_bad_runs_do_not_crash_the_process(tmp_path):
                     errors += "GSPNScan: input" in str(error) or "GSPNScan: the weight groups" in str(error)
         print("errors", errors)
         """
-    ).format(tests=str(Path(__file__).parent), root=str(Path(__file__).parent.parent))
+    ).format(tests=str(Path(__file__).resolve().parents[1]), root=str(Path(__file__).resolve().parents[2]))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

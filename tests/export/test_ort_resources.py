@@ -16,7 +16,7 @@ import gspn_ref
 from export import soak
 from helpers import assert_close_scaled
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def soak_in_subprocess(call: str) -> dict:

@@ -22,7 +22,7 @@ import pytest
 
 from gspn_tvm import build, isa
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # An AMD EPYC VM (model name implies Zen 4, AVX-512) whose hypervisor exposes AVX2, FMA, F16C only.
 AVX2_VM_FLAGS = (

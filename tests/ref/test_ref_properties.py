@@ -7,7 +7,15 @@ import pytest
 import torch
 
 import gspn_ref
-from helpers import FLOAT_DTYPES, assert_close_scaled, make_scan_inputs, scan_cases, scan_tolerance
+from helpers import (
+    FLOAT_DTYPES,
+    assert_close_scaled,
+    make_scan_inputs,
+    poison_unread_weights,
+    scan_cases,
+    scan_order_of_line,
+    scan_tolerance,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,7 +26,6 @@ from gspn_ref import (
     gspn_scan_ref,
     is_column,
     is_reversed,
-    line_count,
     normalize_weights,
 )
 
@@ -26,14 +33,6 @@ from gspn_ref import (
 # that a clone runs them anywhere; where the project's shared/ folder sits beside the clone, the copy
 # must still equal it.
 CONFORMANCE = Path(gspn_ref.__file__).resolve().parent / "data" / "official_l2r_vectors.npz"
-
-
-def scan_order_of_line(direction, H, W):
-    """``(H*W,)`` tensor: the scan index ``s`` of the line holding each row-major position."""
-    i, j = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    line = j if is_column(direction) else i
-    n_lines = line_count(direction, H, W)
-    return (n_lines - 1 - line if is_reversed(direction) else line).flatten()
 
 
 def broadcast_scan_index(direction, H, W, chunk=0):
@@ -204,24 +203,6 @@ def test_official_conformance_vectors():
         err = (ours - h).abs().max().item()
         print(f"case {k} {tuple(x.shape)}: max |diff| {err:.2e}")
         assert err < 1e-9
-
-
-def poison_unread_weights(gl, gm, gr, direction, chunk, poison=float("inf")):
-    """Copies of the weights with ``poison`` wherever SPEC section 2 says a weight is never used
-    (``gl`` at ``p = 0``, ``gr`` at ``p = P - 1``, all three on a segment-start line), and the
-    copies with 0 there; plus the boolean ``(H, W)`` masks of both kinds of position."""
-    H, W = gl.shape[-2:]
-    s = scan_order_of_line(direction, H, W).reshape(H, W)
-    starts = (s == 0) | ((s % chunk) == 0 if chunk else torch.zeros_like(s, dtype=torch.bool))
-    p_axis = -2 if is_column(direction) else -1
-    first = torch.zeros(H, W, dtype=torch.bool)
-    last = torch.zeros(H, W, dtype=torch.bool)
-    first.select(p_axis, 0).fill_(True)
-    last.select(p_axis, -1).fill_(True)
-    masks = (first | starts, starts, last | starts)
-    poisoned = tuple(w.masked_fill(m, poison) for w, m in zip((gl, gm, gr), masks))
-    zeroed = tuple(w.masked_fill(m, 0) for w, m in zip((gl, gm, gr), masks))
-    return poisoned, zeroed, first, last, starts
 
 
 @given(case=scan_cases(max_side=9), poison=st.sampled_from([float("inf"), float("-inf"), float("nan")]))

@@ -1,6 +1,7 @@
-"""The ONNX Runtime custom scan against its memory floor, per direction and shape (float32).
+"""A/B of ONNX Runtime custom-operator builds against the memory floor, per direction and shape
+(float32): a tool for work on the C++ kernel (``gspn bench`` times the built library).
 
-    .venv/bin/python -m export.ortops.bench_floor [--runs 5] [--library NAME=PATH ...] [--quick]
+    .venv/bin/python -m gspn.bench.ort_builds [--runs 5] [--library NAME=PATH ...] [--quick]
 
 Prints ms and x-floor (``gspn.bench.core.scan_bytes`` / copy bandwidth measured in the same run)
 for the benchmark shapes of ``gspn.bench.scans`` and the GSPN-T mixer scans at 224x224, with
@@ -21,15 +22,10 @@ import onnxruntime as ort
 import torch
 
 import export
-from gspn.bench.core import copy_bandwidth, median_seconds, scan_bytes
-from gspn.bench.scans import FULL_SHAPES, scan_inputs
 from gspn_ref import DIRECTIONS
 
-#: GSPN-T (gspn_ref.models.gspn_tiny) at 224x224: (1, 4 C_stage, 4 C_stage, S, S) per stage, as
-#: recorded from its forward pass (gspn.bench.models.record_scans).
-GSPN_T_SHAPES = ((1, 576, 576, 56, 56), (1, 1152, 1152, 28, 28), (1, 2304, 2304, 14, 14),
-                 (1, 4608, 4608, 7, 7))  # fmt: skip
-
+from .core import copy_bandwidth, median_seconds, scan_bytes
+from .scans import FULL_SHAPES, scan_inputs
 
 def custom_session(direction: str, library: str | None) -> ort.InferenceSession:
     threads = torch.get_num_threads()
@@ -51,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--directions", default=",".join(DIRECTIONS))
     args = parser.parse_args(argv)
     libraries = [tuple(spec.split("=", 1)) for spec in args.library] or [("built", None)]
-    shapes = tuple(FULL_SHAPES) + GSPN_T_SHAPES
+    shapes = FULL_SHAPES  # includes GSPN-T's mixer scans
     if args.quick:
         shapes = ((1, 192, 192, 56, 56), (1, 16, 16, 256, 256), (1, 576, 576, 56, 56), (1, 4608, 4608, 7, 7))
     directions = args.directions.split(",")

@@ -33,7 +33,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
 import export  # noqa: E402
 import gspn_ref  # noqa: E402
@@ -540,7 +540,7 @@ def test_element_count_beyond_2_31_uses_64_bit_offsets():
     # One row scan through ONNX Runtime (about 9 s on 2 cores); column scans at offsets beyond
     # 2**31 are checked at no memory cost by the C++ kernel test (tests/test_ortops_cpp.py).
     direction = "t2b"
-    script = LARGE_SOURCE.format(root=str(Path(__file__).resolve().parent.parent))
+    script = LARGE_SOURCE.format(root=str(Path(__file__).resolve().parents[2]))
     result = subprocess.run([sys.executable, "-c", script, direction], capture_output=True, text=True,
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert result.returncode == 0, f"exit {result.returncode}: {result.stdout[-2000:]}{result.stderr[-3000:]}"
