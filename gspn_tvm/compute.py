@@ -338,15 +338,24 @@ def scan_backward(direction: str, dtype: str):
 #: same cache sets.
 TILE_PAD = 16
 
+#: Side of the register blocks that stage a tile (8 float32: one AVX2 vector); the rows and
+#: columns of a tile beyond a multiple of it are copied one element at a time.
+V = 8
+
 
 def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
     """Forward column scan (``l2r``/``r2l``) staged through ``tile``-column transposed tiles.
 
     Same arguments and result as :func:`scan_forward`. Blocks: ``plane`` per ``(b, c)``; inside it
-    ``tile`` per ``tile`` columns in scan order, holding ``stage_in`` (the tile's inputs copied row by
-    row into ``(tile, H + TILE_PAD)`` float32 buffers, transposed so that a column is contiguous),
+    ``tile`` per ``tile`` columns in scan order, holding ``stage_in_8x8`` (the tile's inputs copied
+    into ``(tile, H + TILE_PAD)`` float32 buffers, transposed so that a column is contiguous, one
+    ``V x V`` block at a time through a block-local register tile: vector loads along the rows of the
+    input, vector stores along the staged columns; the constant block shape is what lets LLVM emit
+    whole vectors, where a copy over symbolic extents stays scalar), ``stage_in_rows_tail`` /
+    ``stage_in_cols_tail`` (the rows and columns beyond a multiple of ``V``, element by element),
     ``line`` per column (``step``, ``ends``, ``carry`` as in :func:`scan_forward`, the new column
-    written to the staged output) and ``stage_out`` (copied back row by row, converted to ``dtype``).
+    written to the staged output) and ``stage_out_8x8`` / ``stage_out_*_tail`` (copied back the same
+    way, converted to ``dtype``).
     """
     assert is_column(direction), direction
     reversed_ = is_reversed(direction)
@@ -398,14 +407,46 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                         gms = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         grs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         hs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
-                        for i, k in T.grid(H, count):
-                            with T.sblock("stage_in"):
+                        full_rows = T.meta_var(H // V * V)
+                        full_cols = T.meta_var(count // V * V)
+                        for ib, kb in T.grid(H // V, count // V):
+                            with T.sblock("stage_in_8x8"):
+                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                # 8x8 blocks of constant shape: vector loads along the rows, vector stores
+                                # along the staged columns, through a block-local register tile
+                                reg = T.sblock_alloc_buffer((5, V, V), f32, scope="local")
+                                i0 = T.meta_var(vib * V)
+                                k0 = T.meta_var(vkb * V)
+                                for a in range(V):
+                                    for e in T.vectorized(V):
+                                        reg[0, a, e] = T.Cast(f32, x[vb, vc, i0 + a, col(k0 + e)])
+                                        reg[1, a, e] = T.Cast(f32, lam[vb, vc, i0 + a, col(k0 + e)])
+                                        reg[2, a, e] = T.Cast(f32, gl[vb, vg, i0 + a, col(k0 + e)])
+                                        reg[3, a, e] = T.Cast(f32, gm[vb, vg, i0 + a, col(k0 + e)])
+                                        reg[4, a, e] = T.Cast(f32, gr[vb, vg, i0 + a, col(k0 + e)])
+                                for e in range(V):
+                                    for a in T.vectorized(V):
+                                        xs[k0 + e, i0 + a] = reg[0, a, e]
+                                        lams[k0 + e, i0 + a] = reg[1, a, e]
+                                        gls[k0 + e, i0 + a] = reg[2, a, e]
+                                        gms[k0 + e, i0 + a] = reg[3, a, e]
+                                        grs[k0 + e, i0 + a] = reg[4, a, e]
+                        for i, k in T.grid(H - full_rows, count):
+                            with T.sblock("stage_in_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
-                                xs[vk, vi] = T.Cast(f32, x[vb, vc, vi, col(vk)])
-                                lams[vk, vi] = T.Cast(f32, lam[vb, vc, vi, col(vk)])
-                                gls[vk, vi] = T.Cast(f32, gl[vb, vg, vi, col(vk)])
-                                gms[vk, vi] = T.Cast(f32, gm[vb, vg, vi, col(vk)])
-                                grs[vk, vi] = T.Cast(f32, gr[vb, vg, vi, col(vk)])
+                                xs[vk, full_rows + vi] = T.Cast(f32, x[vb, vc, full_rows + vi, col(vk)])
+                                lams[vk, full_rows + vi] = T.Cast(f32, lam[vb, vc, full_rows + vi, col(vk)])
+                                gls[vk, full_rows + vi] = T.Cast(f32, gl[vb, vg, full_rows + vi, col(vk)])
+                                gms[vk, full_rows + vi] = T.Cast(f32, gm[vb, vg, full_rows + vi, col(vk)])
+                                grs[vk, full_rows + vi] = T.Cast(f32, gr[vb, vg, full_rows + vi, col(vk)])
+                        for i, k in T.grid(full_rows, count - full_cols):
+                            with T.sblock("stage_in_cols_tail"):
+                                vi, vk = T.axis.remap("SS", [i, k])
+                                xs[full_cols + vk, vi] = T.Cast(f32, x[vb, vc, vi, col(full_cols + vk)])
+                                lams[full_cols + vk, vi] = T.Cast(f32, lam[vb, vc, vi, col(full_cols + vk)])
+                                gls[full_cols + vk, vi] = T.Cast(f32, gl[vb, vg, vi, col(full_cols + vk)])
+                                gms[full_cols + vk, vi] = T.Cast(f32, gm[vb, vg, vi, col(full_cols + vk)])
+                                grs[full_cols + vk, vi] = T.Cast(f32, gr[vb, vg, vi, col(full_cols + vk)])
                         for k in range(count):
                             with T.sblock("line"):
                                 vk = T.axis.opaque(tile, k)
@@ -431,10 +472,26 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                                     with T.sblock("carry"):
                                         vp = T.axis.spatial(H, p)
                                         state[vp + 1] = hs[vk, vp]
-                        for i, k in T.grid(H, count):
-                            with T.sblock("stage_out"):
+                        for ib, kb in T.grid(H // V, count // V):
+                            with T.sblock("stage_out_8x8"):
+                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                reg = T.sblock_alloc_buffer((V, V), f32, scope="local")
+                                i0 = T.meta_var(vib * V)
+                                k0 = T.meta_var(vkb * V)
+                                for e in range(V):
+                                    for a in T.vectorized(V):
+                                        reg[a, e] = hs[k0 + e, i0 + a]
+                                for a in range(V):
+                                    for e in T.vectorized(V):
+                                        h[vb, vc, i0 + a, col(k0 + e)] = T.Cast(dtype, reg[a, e])
+                        for i, k in T.grid(H - full_rows, count):
+                            with T.sblock("stage_out_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
-                                h[vb, vc, vi, col(vk)] = T.Cast(dtype, hs[vk, vi])
+                                h[vb, vc, full_rows + vi, col(vk)] = T.Cast(dtype, hs[vk, full_rows + vi])
+                        for i, k in T.grid(full_rows, count - full_cols):
+                            with T.sblock("stage_out_cols_tail"):
+                                vi, vk = T.axis.remap("SS", [i, k])
+                                h[vb, vc, vi, col(full_cols + vk)] = T.Cast(dtype, hs[full_cols + vk, vi])
 
     return forward.with_attr("global_symbol", forward_name(direction))
 

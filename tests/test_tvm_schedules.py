@@ -24,6 +24,8 @@ SCHEDULES = {"forward": cpu.schedule_forward, "backward": cpu.schedule_backward}
 #: Buffers staged per tile: forward x, lam, gl, gm, gr, h; backward gl, gm, gr, the weight gradients,
 #: gh, x, lam, the predecessor's h, dx, dlam.
 STAGED = {"forward": 6, "backward": 10}
+#: Forward copies of the rows and columns of a tile beyond a multiple of ``compute.V`` (element by element).
+COPY_TAILS = ("stage_in_rows_tail", "stage_in_cols_tail", "stage_out_rows_tail", "stage_out_cols_tail")
 
 
 class _Blocks:
@@ -51,9 +53,27 @@ def test_column_tiles_are_declared_inside_the_tile_block(direction, pass_):
     for buffer in task.alloc_buffers:  # the carried state: one line (per channel of the group) only
         assert "W" not in str(list(buffer.shape)), f"{buffer.name} grows with W: {list(buffer.shape)}"
     # global memory row by row: the innermost loop of every copy runs over the tile's columns
-    for name in ("stage_in", "stage_out") + (("stage_weights", "store_weight_grad") if pass_ == "backward" else ()):
+    copies = ("stage_in", "stage_out") if pass_ == "backward" else ()
+    copies += ("stage_weights", "store_weight_grad") if pass_ == "backward" else COPY_TAILS
+    for name in copies:
         block = blocks[name]
         assert [iv.var.name for iv in block.iter_vars][-1] in ("vk", "vm"), name
+
+
+@pytest.mark.parametrize("direction", ["l2r", "r2l"])
+@pytest.mark.parametrize("name", ["stage_in_8x8", "stage_out_8x8"])
+def test_forward_tiles_are_copied_in_register_blocks_of_constant_shape(direction, name):
+    """The forward copies move 8x8 blocks (constant extents, so LLVM sees whole vectors) through a
+    block-local register tile: vector loops of 8 on both sides, one block per 8 rows x 8 columns; the
+    rows and columns beyond a multiple of 8 go through the scalar tail blocks."""
+    func = cpu.schedule_forward(direction, "float32")
+    block = _Blocks(func)[name]
+    assert [iv.var.name for iv in block.iter_vars] == ["vib", "vkb"], name
+    (register,) = block.alloc_buffers
+    assert register.scope() == "local", register.scope()
+    assert [int(d) for d in register.shape][-2:] == [compute.V, compute.V], list(register.shape)
+    script = block.script()
+    assert script.count(f"T.vectorized({compute.V})") == 2 and "T.vectorized(" not in script.replace(f"T.vectorized({compute.V})", ""), script
 
 
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
