@@ -401,6 +401,11 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                         count = T.meta_var(T.min(W - first, tile))
                         # column of step first + k: first + k (l2r) or W - 1 - first - k (r2l)
                         col = T.meta_var(lambda k: W - 1 - first - k if reversed_ else first + k)
+                        # first column in memory of the steps k0 .. k0 + V - 1 and the register lane of step
+                        # k0 + e: the block's loads and stores run up the memory in both directions (a
+                        # descending vector access is scalar in TVM's LLVM code generator)
+                        mem = T.meta_var(lambda k0: col(k0 + V - 1) if reversed_ else col(k0))
+                        lane = T.meta_var(lambda e: V - 1 - e if reversed_ else e)
                         xs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         lams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         gls = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
@@ -419,18 +424,18 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                                 k0 = T.meta_var(vkb * V)
                                 for a in range(V):
                                     for e in T.vectorized(V):
-                                        reg[0, a, e] = T.Cast(f32, x[vb, vc, i0 + a, col(k0 + e)])
-                                        reg[1, a, e] = T.Cast(f32, lam[vb, vc, i0 + a, col(k0 + e)])
-                                        reg[2, a, e] = T.Cast(f32, gl[vb, vg, i0 + a, col(k0 + e)])
-                                        reg[3, a, e] = T.Cast(f32, gm[vb, vg, i0 + a, col(k0 + e)])
-                                        reg[4, a, e] = T.Cast(f32, gr[vb, vg, i0 + a, col(k0 + e)])
+                                        reg[0, a, e] = T.Cast(f32, x[vb, vc, i0 + a, mem(k0) + e])
+                                        reg[1, a, e] = T.Cast(f32, lam[vb, vc, i0 + a, mem(k0) + e])
+                                        reg[2, a, e] = T.Cast(f32, gl[vb, vg, i0 + a, mem(k0) + e])
+                                        reg[3, a, e] = T.Cast(f32, gm[vb, vg, i0 + a, mem(k0) + e])
+                                        reg[4, a, e] = T.Cast(f32, gr[vb, vg, i0 + a, mem(k0) + e])
                                 for e in range(V):
                                     for a in T.vectorized(V):
-                                        xs[k0 + e, i0 + a] = reg[0, a, e]
-                                        lams[k0 + e, i0 + a] = reg[1, a, e]
-                                        gls[k0 + e, i0 + a] = reg[2, a, e]
-                                        gms[k0 + e, i0 + a] = reg[3, a, e]
-                                        grs[k0 + e, i0 + a] = reg[4, a, e]
+                                        xs[k0 + e, i0 + a] = reg[0, a, lane(e)]
+                                        lams[k0 + e, i0 + a] = reg[1, a, lane(e)]
+                                        gls[k0 + e, i0 + a] = reg[2, a, lane(e)]
+                                        gms[k0 + e, i0 + a] = reg[3, a, lane(e)]
+                                        grs[k0 + e, i0 + a] = reg[4, a, lane(e)]
                         for i, k in T.grid(H - full_rows, count):
                             with T.sblock("stage_in_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
@@ -480,10 +485,10 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                                 k0 = T.meta_var(vkb * V)
                                 for e in range(V):
                                     for a in T.vectorized(V):
-                                        reg[a, e] = hs[k0 + e, i0 + a]
+                                        reg[a, lane(e)] = hs[k0 + e, i0 + a]
                                 for a in range(V):
                                     for e in T.vectorized(V):
-                                        h[vb, vc, i0 + a, col(k0 + e)] = T.Cast(dtype, reg[a, e])
+                                        h[vb, vc, i0 + a, mem(k0) + e] = T.Cast(dtype, reg[a, e])
                         for i, k in T.grid(H - full_rows, count):
                             with T.sblock("stage_out_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
