@@ -39,6 +39,7 @@ import tvm
 from gspn_ref.directions import DIRECTIONS
 
 from . import compute, isa
+from .runtime_loader import sha256_of
 from .schedules import cpu as cpu_schedule
 from .schedules import cuda as cuda_schedule
 
@@ -128,14 +129,6 @@ def compile_scan(device: str, dtype: str):
         importlib.import_module("tvm.support.nvcc")  # registers the CUDA compile callback
     with tvm.transform.PassContext(opt_level=3, config=config):
         return tvm.compile(scan_module(device, dtype), target=tvm.target.Target(target_for(device)))
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -136,6 +136,7 @@ def _to_numpy(value):
 
 
 def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (artifact files and kernel cache entries)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

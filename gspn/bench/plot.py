@@ -33,6 +33,15 @@ def _series(rows, group_key, value_key):
     return groups, {b: [table.get((g, b)) for g in groups] for b in backends}
 
 
+def _save(fig, machine: dict, path: Path) -> Path:
+    """Title the figure with the machine, write it to ``path`` and free it."""
+    fig.suptitle(describe(machine), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_scans(rows: list[dict], machine: dict, path: Path) -> Path | None:
     """Time over the memory floor per shape and direction, forward and backward, per backend."""
     rows = [r for r in rows if r["table"] == "scan"]
@@ -45,11 +54,7 @@ def plot_scans(rows: list[dict], machine: dict, path: Path) -> Path | None:
         _grouped_bars(ax, groups, series, "time / memory floor (log)", log=True)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_title(f"scan {pass_}: time over the memory floor (1 = at the floor)", fontsize=9)
-    fig.suptitle(describe(machine), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, machine, path)
 
 
 def plot_models(rows: list[dict], machine: dict, path: Path) -> Path | None:
@@ -64,11 +69,7 @@ def plot_models(rows: list[dict], machine: dict, path: Path) -> Path | None:
     groups, series = _series(rows, lambda r: r["case"], "scan_share")
     _grouped_bars(axes[1], groups, series, "scan time / total", log=False)
     axes[1].set_title("share of the time spent in the scan", fontsize=9)
-    fig.suptitle(describe(machine), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, machine, path)
 
 
 def plot_crossover(rows: list[dict], machine: dict, path: Path) -> Path | None:
@@ -92,11 +93,7 @@ def plot_crossover(rows: list[dict], machine: dict, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("GSPN layer vs attention over the same tokens", fontsize=9)
-    fig.suptitle(describe(machine), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, machine, path)
 
 
 def plot_results(payload: dict, json_path: Path) -> list[Path]:
