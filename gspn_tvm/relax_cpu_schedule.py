@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 import tvm
-from tvm import relax
+from tvm import relax, topi
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.relax.transform import AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR, LegalizeOps
 
@@ -66,9 +66,44 @@ def fuse_operators(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IR
     return mod
 
 
+def _fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``1 / (1 + exp(-x))`` with TOPI's vectorizable polynomial ``fast_exp`` (LLVM lowers the exact
+    ``exp`` of a vector to one libm call per lane)."""
+    one = tvm.tirx.const(1.0, "float32")
+    return bb.call_te(lambda x: one / (one + topi.fast_exp(-x)), call.args[0], primfunc_name_hint="tir_sigmoid")
+
+
+def _fast_gelu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``x / 2 * (1 + erf(x / sqrt(2)))`` with TOPI's rational ``fast_erf`` (vectorizable)."""
+
+    def gelu(x):
+        half, one, root_half = (tvm.tirx.const(v, "float32") for v in (0.5, 1.0, 0.5**0.5))
+        return half * x * (one + topi.fast_erf(x * root_half))
+
+    return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")
+
+
+def _float32_only(fast, op_name: str):
+    """``fast`` for float32 calls; other dtypes keep Relax's own legalization."""
+    default = tvm.ir.Op.get(op_name).get_attr("FLegalize")
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        return fast(bb, call) if str(call.args[0].ty.dtype) == "float32" else default(bb, call)
+
+    return legalize
+
+
+def _fast_math_map() -> dict:
+    return {
+        "relax.sigmoid": _float32_only(_fast_sigmoid, "relax.sigmoid"),
+        "relax.nn.gelu": _float32_only(_fast_gelu, "relax.nn.gelu"),
+    }
+
+
 def legalize_passes() -> list:
-    """``cpu_generic.legalize_passes`` with :func:`fuse_operators` for its fusion step."""
-    return [LegalizeOps(), AnnotateTIROpPattern(), FoldConstant(), fuse_operators]
+    """``cpu_generic.legalize_passes`` with :func:`fuse_operators` for its fusion step, and float32
+    sigmoid and GELU legalized with TOPI's vectorizable ``fast_exp`` and ``fast_erf``."""
+    return [LegalizeOps(customize_legalize_map=_fast_math_map()), AnnotateTIROpPattern(), FoldConstant(), fuse_operators]
 
 
 def cpu_pipeline(target: tvm.target.Target):

@@ -124,8 +124,8 @@ def tiled_reduction(
 ) -> None:
     """Register-tiled micro-kernel for a static-size reduction block.
 
-    Loops become ``parallel(outer spatial, tile_o, vector_o) / reduction / tile_i (unrolled) /
-    vector_i (vectorized)``: the ``tile_i x vector_i`` accumulators live in a local buffer that LLVM
+    Loops become ``parallel(outer spatial, tile_o, vector_o) / reduction / [rows_i] / tile_i
+    (unrolled) / vector_i (vectorized)``: the ``tile_i x vector_i`` accumulators live in a local buffer that LLVM
     keeps in registers, each input vector is loaded once per reduction step and reused for every
     row of the tile, each weight is broadcast once per step. The accumulators are written back (with
     the epilogues inlined: bias, activation, residual) once per tile.
