@@ -27,6 +27,8 @@ past the weights (the torch-facing kernels validate earlier, with the reference'
 from __future__ import annotations
 
 from gspn_ref.directions import DIRECTIONS, is_column, is_reversed
+import tvm
+from tvm.ir.prim.expr import Ramp, Shuffle
 from tvm.script import tirx as T
 
 ACCUMULATION_DTYPE = "float32"
@@ -343,6 +345,80 @@ TILE_PAD = 16
 V = 8
 
 
+def _pair(a, b, lanes):
+    return Shuffle([a, b], [tvm.tirx.IntImm("int32", i) for i in lanes])
+
+
+def _transpose(vectors):
+    """The 8 columns of the 8x8 block whose rows are ``vectors`` (8 lanes each), by the two-operand
+    shuffles of the classic AVX transpose (unpack pairs, then pairs of pairs, then 128-bit halves)."""
+    t = []
+    for q in range(0, V, 2):
+        t += [_pair(vectors[q], vectors[q + 1], [0, 8, 1, 9, 4, 12, 5, 13]),
+              _pair(vectors[q], vectors[q + 1], [2, 10, 3, 11, 6, 14, 7, 15])]  # fmt: skip
+    low, high = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    u = []
+    for q in (0, 4):
+        u += [_pair(t[q], t[q + 2], low), _pair(t[q], t[q + 2], high), _pair(t[q + 1], t[q + 3], low), _pair(t[q + 1], t[q + 3], high)]
+    return [_pair(u[e % 4], u[e % 4 + 4], [0, 1, 2, 3, 8, 9, 10, 11] if e < 4 else [4, 5, 6, 7, 12, 13, 14, 15]) for e in range(V)]
+
+
+def _ramp(base):
+    return Ramp(base, tvm.tirx.const(1, "int64"), V)
+
+
+def _block_columns(src, prefix, i0, j0):
+    """Columns ``e`` (float32 vectors over rows ``i0 .. i0 + 7``) of ``src[*prefix, i0:i0+8, j0:j0+8]``
+    (transposed in ``src``'s dtype, then converted: see :func:`_block_rows`)."""
+    columns = _transpose([tvm.tirx.BufferLoad(src, [*prefix, i0 + a, _ramp(j0)]) for a in range(V)])
+    return columns if src.dtype == ACCUMULATION_DTYPE else [tvm.tirx.Cast(f"{ACCUMULATION_DTYPE}x{V}", c) for c in columns]
+
+
+def _block_rows(tile, prefix, staged_of_column, i0, dtype):
+    """Rows ``a`` (``dtype`` vectors over the 8 memory columns) of the staged block whose memory
+    column ``e`` is ``tile[*prefix, staged_of_column(e), i0:i0+8]``."""
+    columns = [tvm.tirx.BufferLoad(tile, [*prefix, staged_of_column(e), _ramp(i0)]) for e in range(V)]
+    # converted before the shuffles: with conversions inside the shuffle tree, float16 blocks came out
+    # wrong (memory columns 4-7), so every shuffle works on vectors as loaded
+    if dtype != ACCUMULATION_DTYPE:
+        columns = [tvm.tirx.Cast(f"{dtype}x{V}", c) for c in columns]
+    return _transpose(columns)
+
+
+def _tile_copies(lane, dtype):
+    """``(stage_block, store_block)``: macros copying one 8x8 block between a ``(B, C, H, W)`` tensor
+    and a staged tile: 8 vector loads, a transpose in registers (shuffles), 8 vector stores. Memory
+    column ``mem0 + e`` is staged line ``k0 + lane(e)``: ``lane`` reverses the block where the scan
+    runs down the memory, so the vectors themselves always run up (a descending vector access is
+    scalar in TVM's LLVM code generator)."""
+
+    @T.macro
+    def stage_block(dst, src, b, c, i0, k0, mem0):
+        columns = T.meta_var(_block_columns(src, (b, c), i0, mem0))
+        dst[k0 + lane(0), T.ramp(i0, 1, V)] = columns[0]
+        dst[k0 + lane(1), T.ramp(i0, 1, V)] = columns[1]
+        dst[k0 + lane(2), T.ramp(i0, 1, V)] = columns[2]
+        dst[k0 + lane(3), T.ramp(i0, 1, V)] = columns[3]
+        dst[k0 + lane(4), T.ramp(i0, 1, V)] = columns[4]
+        dst[k0 + lane(5), T.ramp(i0, 1, V)] = columns[5]
+        dst[k0 + lane(6), T.ramp(i0, 1, V)] = columns[6]
+        dst[k0 + lane(7), T.ramp(i0, 1, V)] = columns[7]
+
+    @T.macro
+    def store_block(dst, tile, prefix, b, c, i0, k0, mem0):
+        rows = T.meta_var(_block_rows(tile, prefix, lambda e: k0 + lane(e), i0, dtype))
+        dst[b, c, i0 + 0, T.ramp(mem0, 1, V)] = rows[0]
+        dst[b, c, i0 + 1, T.ramp(mem0, 1, V)] = rows[1]
+        dst[b, c, i0 + 2, T.ramp(mem0, 1, V)] = rows[2]
+        dst[b, c, i0 + 3, T.ramp(mem0, 1, V)] = rows[3]
+        dst[b, c, i0 + 4, T.ramp(mem0, 1, V)] = rows[4]
+        dst[b, c, i0 + 5, T.ramp(mem0, 1, V)] = rows[5]
+        dst[b, c, i0 + 6, T.ramp(mem0, 1, V)] = rows[6]
+        dst[b, c, i0 + 7, T.ramp(mem0, 1, V)] = rows[7]
+
+    return stage_block, store_block
+
+
 def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
     """Forward column scan (``l2r``/``r2l``) staged through ``tile``-column transposed tiles.
 
@@ -360,6 +436,7 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
     assert is_column(direction), direction
     reversed_ = is_reversed(direction)
     f32 = ACCUMULATION_DTYPE
+    stage_block, store_block = _tile_copies((lambda e: V - 1 - e) if reversed_ else (lambda e: e), dtype)
 
     @T.prim_func(s_tir=True)
     def forward(
@@ -401,11 +478,8 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                         count = T.meta_var(T.min(W - first, tile))
                         # column of step first + k: first + k (l2r) or W - 1 - first - k (r2l)
                         col = T.meta_var(lambda k: W - 1 - first - k if reversed_ else first + k)
-                        # first column in memory of the steps k0 .. k0 + V - 1 and the register lane of step
-                        # k0 + e: the block's loads and stores run up the memory in both directions (a
-                        # descending vector access is scalar in TVM's LLVM code generator)
+                        # first memory column of the steps k0 .. k0 + V - 1 (see _tile_copies)
                         mem = T.meta_var(lambda k0: col(k0 + V - 1) if reversed_ else col(k0))
-                        lane = T.meta_var(lambda e: V - 1 - e if reversed_ else e)
                         xs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         lams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         gls = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
@@ -417,25 +491,11 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_in_8x8"):
                                 vib, vkb = T.axis.remap("SS", [ib, kb])
-                                # 8x8 blocks of constant shape: vector loads along the rows, vector stores
-                                # along the staged columns, through a block-local register tile
-                                reg = T.sblock_alloc_buffer((5, V, V), f32, scope="local")
-                                i0 = T.meta_var(vib * V)
-                                k0 = T.meta_var(vkb * V)
-                                for a in range(V):
-                                    for e in T.vectorized(V):
-                                        reg[0, a, e] = T.Cast(f32, x[vb, vc, i0 + a, mem(k0) + e])
-                                        reg[1, a, e] = T.Cast(f32, lam[vb, vc, i0 + a, mem(k0) + e])
-                                        reg[2, a, e] = T.Cast(f32, gl[vb, vg, i0 + a, mem(k0) + e])
-                                        reg[3, a, e] = T.Cast(f32, gm[vb, vg, i0 + a, mem(k0) + e])
-                                        reg[4, a, e] = T.Cast(f32, gr[vb, vg, i0 + a, mem(k0) + e])
-                                for e in range(V):
-                                    for a in T.vectorized(V):
-                                        xs[k0 + e, i0 + a] = reg[0, a, lane(e)]
-                                        lams[k0 + e, i0 + a] = reg[1, a, lane(e)]
-                                        gls[k0 + e, i0 + a] = reg[2, a, lane(e)]
-                                        gms[k0 + e, i0 + a] = reg[3, a, lane(e)]
-                                        grs[k0 + e, i0 + a] = reg[4, a, lane(e)]
+                                stage_block(xs, x, vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                stage_block(lams, lam, vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                stage_block(gls, gl, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                stage_block(gms, gm, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                stage_block(grs, gr, vb, vg, vib * V, vkb * V, mem(vkb * V))
                         for i, k in T.grid(H - full_rows, count):
                             with T.sblock("stage_in_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
@@ -480,15 +540,7 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_out_8x8"):
                                 vib, vkb = T.axis.remap("SS", [ib, kb])
-                                reg = T.sblock_alloc_buffer((V, V), f32, scope="local")
-                                i0 = T.meta_var(vib * V)
-                                k0 = T.meta_var(vkb * V)
-                                for e in range(V):
-                                    for a in T.vectorized(V):
-                                        reg[a, lane(e)] = hs[k0 + e, i0 + a]
-                                for a in range(V):
-                                    for e in T.vectorized(V):
-                                        h[vb, vc, i0 + a, mem(k0) + e] = T.Cast(dtype, reg[a, e])
+                                store_block(h, hs, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
                         for i, k in T.grid(H - full_rows, count):
                             with T.sblock("stage_out_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
@@ -512,10 +564,19 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
     group's channels) and ``dx, dlam`` are copied back; then the weight gradients. The contributions
     of ``gl`` at ``p = 0`` and ``gr`` at ``p = P - 1`` are never accumulated (their loops start or
     stop one position early), so they stay exactly 0 without a select in the position loop.
+
+    Every copy between a tensor and a tile moves whole ``V x V`` blocks (``*_8x8``: vector loads, a
+    transpose in registers, vector stores; see :func:`_tile_copies`) and the rest element by element
+    (``*_rows_tail``, ``*_cols_tail``). The predecessor's output is staged in its own blocks
+    (``stage_predecessor_*``): a whole block of it exists only where every column of the block has a
+    predecessor; the column at scan step 0 (clamped, never used) goes through the tail.
     """
     assert is_column(direction), direction
     reversed_ = is_reversed(direction)
     f32 = ACCUMULATION_DTYPE
+
+    stage_block, store_block = _tile_copies((lambda e: e) if reversed_ else (lambda e: V - 1 - e), dtype)
+    shift = 1 if reversed_ else -1  # predecessor column - column
 
     @T.prim_func(s_tir=True)
     def backward(
@@ -576,6 +637,11 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                         col = T.meta_var(lambda m: first + m if reversed_ else W - 1 - first - m)
                         # column of the predecessor (step - 1, clamped at 0: a segment start never uses it)
                         pred_col = T.meta_var(lambda m: (W - 1 - T.max(step(m) - 1, 0)) if reversed_ else T.max(step(m) - 1, 0))
+                        mem = T.meta_var(lambda k0: col(k0) if reversed_ else col(k0 + V - 1))
+                        full_rows = T.meta_var(H // V * V)
+                        full_cols = T.meta_var(count // V * V)
+                        # visits whose step has a predecessor (step >= 1): whole 8-blocks of them read h unclamped
+                        full_pred = T.meta_var(T.min(count, W - 1 - first) // V * V)
                         gls = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         gms = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         grs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
@@ -586,12 +652,24 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                         hps = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         dxs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         dlams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
-                        for i, m in T.grid(H, count):
-                            with T.sblock("stage_weights"):
+                        for ib, kb in T.grid(H // V, count // V):
+                            with T.sblock("stage_weights_8x8"):
+                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                stage_block(gls, gl, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                stage_block(gms, gm, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                stage_block(grs, gr, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                        for i, m in T.grid(H - full_rows, count):
+                            with T.sblock("stage_weights_rows_tail"):
                                 vi, vm = T.axis.remap("SS", [i, m])
-                                gls[vm, vi] = T.Cast(f32, gl[vb, vg, vi, col(vm)])
-                                gms[vm, vi] = T.Cast(f32, gm[vb, vg, vi, col(vm)])
-                                grs[vm, vi] = T.Cast(f32, gr[vb, vg, vi, col(vm)])
+                                gls[vm, full_rows + vi] = T.Cast(f32, gl[vb, vg, full_rows + vi, col(vm)])
+                                gms[vm, full_rows + vi] = T.Cast(f32, gm[vb, vg, full_rows + vi, col(vm)])
+                                grs[vm, full_rows + vi] = T.Cast(f32, gr[vb, vg, full_rows + vi, col(vm)])
+                        for i, m in T.grid(full_rows, count - full_cols):
+                            with T.sblock("stage_weights_cols_tail"):
+                                vi, vm = T.axis.remap("SS", [i, m])
+                                gls[full_cols + vm, vi] = T.Cast(f32, gl[vb, vg, vi, col(full_cols + vm)])
+                                gms[full_cols + vm, vi] = T.Cast(f32, gm[vb, vg, vi, col(full_cols + vm)])
+                                grs[full_cols + vm, vi] = T.Cast(f32, gr[vb, vg, vi, col(full_cols + vm)])
                         for t, m, p in T.grid(3, count, H):
                             with T.sblock("clear_weight_grad"):
                                 vt, vm, vp = T.axis.remap("SSS", [t, m, p])
@@ -600,13 +678,33 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                             with T.sblock("channel"):
                                 vk = T.axis.opaque(group_size, k)
                                 vc = T.meta_var(vg * group_size + vk)
-                                for i, m in T.grid(H, count):
-                                    with T.sblock("stage_in"):
+                                for ib, kb in T.grid(H // V, count // V):
+                                    with T.sblock("stage_in_8x8"):
+                                        vib, vkb = T.axis.remap("SS", [ib, kb])
+                                        stage_block(ghs, gh, vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                        stage_block(xs, x, vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                        stage_block(lams, lam, vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                for ib, kb in T.grid(H // V, full_pred // V):
+                                    with T.sblock("stage_predecessor_8x8"):
+                                        vib, vkb = T.axis.remap("SS", [ib, kb])
+                                        stage_block(hps, h, vb, vc, vib * V, vkb * V, mem(vkb * V) + shift)
+                                for i, m in T.grid(H - full_rows, count):
+                                    with T.sblock("stage_in_rows_tail"):
                                         vi, vm = T.axis.remap("SS", [i, m])
-                                        ghs[vm, vi] = T.Cast(f32, gh[vb, vc, vi, col(vm)])
-                                        xs[vm, vi] = T.Cast(f32, x[vb, vc, vi, col(vm)])
-                                        lams[vm, vi] = T.Cast(f32, lam[vb, vc, vi, col(vm)])
-                                        hps[vm, vi] = T.Cast(f32, h[vb, vc, vi, pred_col(vm)])
+                                        ghs[vm, full_rows + vi] = T.Cast(f32, gh[vb, vc, full_rows + vi, col(vm)])
+                                        xs[vm, full_rows + vi] = T.Cast(f32, x[vb, vc, full_rows + vi, col(vm)])
+                                        lams[vm, full_rows + vi] = T.Cast(f32, lam[vb, vc, full_rows + vi, col(vm)])
+                                        hps[vm, full_rows + vi] = T.Cast(f32, h[vb, vc, full_rows + vi, pred_col(vm)])
+                                for i, m in T.grid(full_rows, count - full_cols):
+                                    with T.sblock("stage_in_cols_tail"):
+                                        vi, vm = T.axis.remap("SS", [i, m])
+                                        ghs[full_cols + vm, vi] = T.Cast(f32, gh[vb, vc, vi, col(full_cols + vm)])
+                                        xs[full_cols + vm, vi] = T.Cast(f32, x[vb, vc, vi, col(full_cols + vm)])
+                                        lams[full_cols + vm, vi] = T.Cast(f32, lam[vb, vc, vi, col(full_cols + vm)])
+                                for i, m in T.grid(full_rows, count - full_pred):
+                                    with T.sblock("stage_predecessor_cols_tail"):
+                                        vi, vm = T.axis.remap("SS", [i, m])
+                                        hps[full_pred + vm, vi] = T.Cast(f32, h[vb, vc, vi, pred_col(full_pred + vm)])
                                 for m in range(count):
                                     with T.sblock("line"):
                                         vm = T.axis.opaque(tile, m)
@@ -647,16 +745,38 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                                 vp = T.axis.spatial(H - 1, p)
                                                 wgrad[2, vm, vp] = wgrad[2, vm, vp] + T.Select(
                                                     restart, T.float32(0), adjoint[vp] * hps[vm, vp + 1])
-                                for i, m in T.grid(H, count):
-                                    with T.sblock("stage_out"):
+                                for ib, kb in T.grid(H // V, count // V):
+                                    with T.sblock("stage_out_8x8"):
+                                        vib, vkb = T.axis.remap("SS", [ib, kb])
+                                        store_block(dx, dxs, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                        store_block(dlam, dlams, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                for i, m in T.grid(H - full_rows, count):
+                                    with T.sblock("stage_out_rows_tail"):
                                         vi, vm = T.axis.remap("SS", [i, m])
-                                        dx[vb, vc, vi, col(vm)] = T.Cast(dtype, dxs[vm, vi])
-                                        dlam[vb, vc, vi, col(vm)] = T.Cast(dtype, dlams[vm, vi])
-                        for i, m in T.grid(H, count):
-                            with T.sblock("store_weight_grad"):
+                                        dx[vb, vc, full_rows + vi, col(vm)] = T.Cast(dtype, dxs[vm, full_rows + vi])
+                                        dlam[vb, vc, full_rows + vi, col(vm)] = T.Cast(dtype, dlams[vm, full_rows + vi])
+                                for i, m in T.grid(full_rows, count - full_cols):
+                                    with T.sblock("stage_out_cols_tail"):
+                                        vi, vm = T.axis.remap("SS", [i, m])
+                                        dx[vb, vc, vi, col(full_cols + vm)] = T.Cast(dtype, dxs[full_cols + vm, vi])
+                                        dlam[vb, vc, vi, col(full_cols + vm)] = T.Cast(dtype, dlams[full_cols + vm, vi])
+                        for ib, kb in T.grid(H // V, count // V):
+                            with T.sblock("store_weight_grad_8x8"):
+                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                store_block(dgl, wgrad, (0,), vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                store_block(dgm, wgrad, (1,), vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                store_block(dgr, wgrad, (2,), vb, vg, vib * V, vkb * V, mem(vkb * V))
+                        for i, m in T.grid(H - full_rows, count):
+                            with T.sblock("store_weight_grad_rows_tail"):
                                 vi, vm = T.axis.remap("SS", [i, m])
-                                dgl[vb, vg, vi, col(vm)] = T.Cast(dtype, wgrad[0, vm, vi])
-                                dgm[vb, vg, vi, col(vm)] = T.Cast(dtype, wgrad[1, vm, vi])
-                                dgr[vb, vg, vi, col(vm)] = T.Cast(dtype, wgrad[2, vm, vi])
+                                dgl[vb, vg, full_rows + vi, col(vm)] = T.Cast(dtype, wgrad[0, vm, full_rows + vi])
+                                dgm[vb, vg, full_rows + vi, col(vm)] = T.Cast(dtype, wgrad[1, vm, full_rows + vi])
+                                dgr[vb, vg, full_rows + vi, col(vm)] = T.Cast(dtype, wgrad[2, vm, full_rows + vi])
+                        for i, m in T.grid(full_rows, count - full_cols):
+                            with T.sblock("store_weight_grad_cols_tail"):
+                                vi, vm = T.axis.remap("SS", [i, m])
+                                dgl[vb, vg, vi, col(full_cols + vm)] = T.Cast(dtype, wgrad[0, full_cols + vm, vi])
+                                dgm[vb, vg, vi, col(full_cols + vm)] = T.Cast(dtype, wgrad[1, full_cols + vm, vi])
+                                dgr[vb, vg, vi, col(full_cols + vm)] = T.Cast(dtype, wgrad[2, full_cols + vm, vi])
 
     return backward.with_attr("global_symbol", backward_name(direction))
