@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from tvm.relax.frontend.torch import from_exported_program
 from tvm.runtime.params import save_param_dict_to_file
 from tvm.runtime.vm import VirtualMachine
 
+from gspn_ref.onnx_op import DOMAIN as ONNX_SCAN_DOMAIN
+from gspn_ref.onnx_op import OP_TYPE as ONNX_SCAN_OP
 from gspn_ref.shapes import nchw_dynamic_shapes
 from gspn_ref.validation import validate_chunk, validate_direction
 
@@ -46,40 +47,25 @@ from .runtime_loader import (
     sha256_of,
     tensor_sha256,
 )
+from .threads import use_threads
 
 TORCH_SCAN_OP = "scan.default"  # ``node.target.__name__`` of ``torch.ops.gspn.scan.default``
-ONNX_SCAN_DOMAIN, ONNX_SCAN_OP = "gspn", "GSPNScan"
 SUPPORTED_TARGET_KINDS = ("llvm", "cuda")
 #: Floating dtypes a whole model may use: TVM 0.27's torch importer mixes float32 into float16 and
 #: bfloat16 graphs (norms, constants) and Relax then refuses the mixed operators.
 SUPPORTED_MODEL_FLOAT_DTYPES = ("float32",)
 OP_PATTERN_OPAQUE = 8  # relax's OpPatternKind.kOpaque: FuseOps never merges the scan into a neighbour
-# TVM's runtime thread pool (one per calling thread, created at its first parallel loop) never grows
-# past TVM_NUM_THREADS as read at its creation, which defaults to half the logical CPUs on x86 (one
-# thread on a 2-CPU machine). Allow up to every CPU here, before any pool exists in this process, and
-# size each call's pool to torch's thread count with runtime.config_threadpool (see _use_torch_threads).
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-_pool_threads = threading.local()
 logger = logging.getLogger(__name__)
 
 
 def _use_torch_threads() -> None:
-    """Run TVM's thread pool of the calling thread on ``torch.get_num_threads()`` threads.
-
-    ``runtime.config_threadpool(1, n)`` (mode 1: TVM's default affinity) reconfigures the calling
-    thread's pool to ``n`` workers, at most TVM_NUM_THREADS; it costs microseconds, and runs only
-    when torch's count changed since the last call in this thread.
-    """
+    """Run the calling thread's TVM pool on ``torch.get_num_threads()`` threads (:mod:`gspn_tvm.threads`);
+    warn once per count when the pool was created smaller, outside this package."""
     wanted = torch.get_num_threads()
-    if getattr(_pool_threads, "count", None) == wanted:
-        return
-    tvm.get_global_func("runtime.config_threadpool")(1, wanted)
-    _pool_threads.count = wanted
-    if tvm.runtime.num_threads() < wanted:
-        logger.warning(
-            "gspn_tvm: TVM's thread pool runs %d threads, torch %d: set TVM_NUM_THREADS=%d before the first TVM call",
-            tvm.runtime.num_threads(), wanted, wanted,
-        )  # fmt: skip
+    running = use_threads(wanted)
+    if running < wanted:
+        logger.warning("gspn_tvm: TVM's thread pool runs %d threads, torch %d: set TVM_NUM_THREADS=%d "
+                       "before the first TVM call", running, wanted, wanted)  # fmt: skip
 
 
 # torch.export gives every dynamic dimension a lower bound of at least 2 (it specializes sizes 0

@@ -18,10 +18,11 @@ process). After parsing ``params.bin`` it checks each parameter's key, shape, dt
 against the signature, so two same-shape parameters swapped are caught. Every failure is a
 ``ValueError`` naming the file and what differs.
 
-This module imports only the standard library, numpy, ``tvm.runtime`` and :mod:`gspn_tvm.isa`
-(itself standard library only): it works in a process started with ``TVM_USE_RUNTIME_LIB=1`` (no
-compiler library) and without torch installed. Copied alone, keep ``isa.py`` beside it. It is also
-the home of the input checks that the compile-side callable shares.
+This module imports only the standard library, numpy, ``tvm.runtime``, :mod:`gspn_tvm.isa` and
+:mod:`gspn_tvm.threads` (standard library and ``tvm.runtime`` only): it works in a process started
+with ``TVM_USE_RUNTIME_LIB=1`` (no compiler library) and without torch installed. Copied alone, keep
+``isa.py`` and ``threads.py`` beside it. Runs use ``num_threads`` CPU threads (default: every CPU).
+It is also the home of the input checks that the compile-side callable shares.
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ from tvm.runtime.params import load_param_dict_from_file
 from tvm.runtime.vm import VirtualMachine
 
 try:
-    from . import isa
-except ImportError:  # this file was loaded on its own (``python runtime_loader.py``): isa.py is beside it
+    from . import isa, threads
+except ImportError:  # this file was loaded on its own (``python runtime_loader.py``): the two are beside it
     import importlib.util as _importlib_util
     import sys as _sys
 
-    _spec = _importlib_util.spec_from_file_location("gspn_isa", Path(__file__).with_name("isa.py"))
-    isa = _importlib_util.module_from_spec(_spec)
-    _sys.modules.setdefault("gspn_isa", isa)
-    _spec.loader.exec_module(isa)
+    def _sibling(name: str):
+        spec = _importlib_util.spec_from_file_location(f"gspn_{name}", Path(__file__).with_name(f"{name}.py"))
+        module = _importlib_util.module_from_spec(spec)
+        _sys.modules.setdefault(f"gspn_{name}", module)
+        spec.loader.exec_module(module)
+        return module
+
+    isa, threads = _sibling("isa"), _sibling("threads")
 
 LIBRARY_FILE = "model.so"
 PARAMS_FILE = "params.bin"
@@ -110,15 +115,18 @@ def device_for(device_type: str, index: int = 0):
 class DeployedModel:
     """A loaded artifact: ``run(*arrays)`` on numpy arrays returns numpy array(s)."""
 
-    def __init__(self, library, params: list, signature: dict, device):
+    def __init__(self, library, params: list, signature: dict, device, num_threads: int | None = None):
         self.signature = signature
         self.device = device
+        #: CPU threads of TVM's pool for each run (default: every CPU; :mod:`gspn_tvm.threads`).
+        self.num_threads = num_threads or os.cpu_count() or 1
         self._vm = VirtualMachine(library, device)
         self._main = self._vm["main"]
         self._params = params
 
     def run_tvm(self, *inputs):
         """Run on ``tvm.runtime.Tensor`` inputs already on the device (no checks, no copies)."""
+        threads.use_threads(self.num_threads)
         return self._main(*inputs, *self._params)
 
     def run(self, *arrays: np.ndarray):
@@ -266,7 +274,7 @@ def check_params(named: dict, signature: dict, file: Path) -> list:
     return params
 
 
-def load_artifact(path: str | os.PathLike, device_index: int = 0) -> DeployedModel:
+def load_artifact(path: str | os.PathLike, device_index: int = 0, num_threads: int | None = None) -> DeployedModel:
     """Load the artifact folder ``path`` written by ``CompiledModel.save`` onto its target's device.
 
     Raises ValueError (naming the file) when the signature is malformed or of another version, when
@@ -285,7 +293,7 @@ def load_artifact(path: str | os.PathLike, device_index: int = 0) -> DeployedMod
     named = load_param_dict_from_file(str(folder / PARAMS_FILE))
     params = [p.copyto(device) for p in check_params(dict(named), signature, folder / PARAMS_FILE)]
     library = load_module(str(folder / LIBRARY_FILE))
-    return DeployedModel(library, params, signature, device)
+    return DeployedModel(library, params, signature, device, num_threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

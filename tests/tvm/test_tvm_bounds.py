@@ -155,7 +155,7 @@ print("DONE")
 def test_bad_group_counts_are_rejected_without_a_crash():
     """G > C used to kill the process with SIGFPE and G not dividing C read past the weights, both
     through ``torch.ops.gspn.scan`` with the TVM kernels enabled and in the compiled functions."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(CRASH_PRONE)], capture_output=True, text=True,
                             cwd=root, timeout=300)
     assert result.returncode == 0, f"exit {result.returncode} (negative: signal): {result.stderr[-2000:]}"
@@ -174,7 +174,7 @@ print(json.dumps(soak.soak(calls=150, warmup=10)))
 
 def _soak_in_fresh_process(mode: str) -> list[dict]:
     # A fresh process: in a long-lived one, memory freed by earlier tests would absorb a leak.
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(SOAK), mode], capture_output=True, text=True,
                             cwd=root, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -123,7 +123,7 @@ def test_workspace_kept_after_a_call_is_bounded_by_the_tiles():
     """After one call at (1, 2, 1024, 1024) the process keeps at most the tiles of one task per
     thread (12 x 32 x 1040 float32 = 1.5 MiB), not plane-sized staging (before: 6x the data, 50+ MiB
     here). glibc's free memory is returned first (malloc_trim), so what is left is held by TVM."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(WORKSPACE)], capture_output=True, text=True,
                             cwd=root, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

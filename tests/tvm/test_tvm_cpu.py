@@ -162,7 +162,7 @@ def test_kernels_run_on_as_many_threads_as_torch():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = f"{root}:{root / 'tests'}"
     result = subprocess.run([sys.executable, "-c", THREADS], capture_output=True, text=True, cwd=root, env=env, timeout=300)

@@ -26,7 +26,7 @@ from gspn_tvm import relax_cpu_schedule
 from gspn_tvm.relax_frontend import CompiledModel, compile_model, compile_onnx
 from tests.helpers import assert_close_scaled
 
-LOADER_FILE = Path(__file__).resolve().parents[1] / "gspn_tvm" / "runtime_loader.py"
+LOADER_FILE = Path(__file__).resolve().parents[2] / "gspn_tvm" / "runtime_loader.py"
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
