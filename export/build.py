@@ -81,7 +81,7 @@ def _accepts(compiler: str, flags: tuple[str, ...]) -> bool:
     return result.returncode == 0
 
 
-def _arch_flags(compiler: str | None = None) -> list[str]:
+def arch_flags(compiler: str | None = None) -> list[str]:
     """``-march=<level>`` for the x86-64 level this machine's reported features allow (:mod:`gspn_tvm.isa`,
     the same decision as the TVM kernels; ``GSPN_CPU_TARGET`` overrides it). Never ``-march=native``:
     the library runs on any machine of that level. Dropped where the compiler does not know the
@@ -111,7 +111,7 @@ def _sources() -> list[Path]:
 
 def _command(compiler: str, include_dir: Path, output: Path) -> list[str]:
     return [
-        compiler, "-std=c++17", "-O3", *_arch_flags(compiler), "-fPIC", "-shared",
+        compiler, "-std=c++17", "-O3", *arch_flags(compiler), "-fPIC", "-shared",
         "-fvisibility=hidden", "-Wall", "-Wextra",
         f"-I{include_dir}",
         *(str(p) for p in _sources() if p.suffix == ".cc"),

@@ -25,12 +25,8 @@ KERNEL_SOURCE = SOURCE_DIR / "gspn_scan_kernel.cc"
 
 
 def library_arch_flags() -> list[str]:
-    """The -march flags export.build compiles the library with."""
-    for name in ("arch_flags", "_arch_flags"):
-        function = getattr(build, name, None)
-        if callable(function):
-            return list(function())
-    return []
+    """The -march flags export.build compiles the library with (for this compiler)."""
+    return list(build.arch_flags(compiler()))
 
 
 def compiler() -> str:
@@ -49,12 +45,16 @@ def build_and_run(tmp_path: Path, flags: list[str]) -> subprocess.CompletedProce
     return subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
 
 
-def sanitizers_available(tmp_path: Path) -> bool:
+def require_sanitizers(tmp_path: Path) -> None:
+    """The sanitizer runtimes ship with GCC (libasan, libubsan) and clang; without them this test
+    would check nothing, so their absence is a failure that says so."""
     probe = tmp_path / "probe.cc"
     probe.write_text("int main() { return 0; }\n")
     result = subprocess.run([compiler(), "-fsanitize=address,undefined", str(probe), "-o", str(tmp_path / "probe")],
                             capture_output=True, text=True)  # fmt: skip
-    return result.returncode == 0
+    if result.returncode != 0:
+        pytest.fail(f"{compiler()} cannot build with -fsanitize=address,undefined (install its sanitizer "
+                    f"runtimes, e.g. libasan/libubsan):\n{result.stderr[-2000:]}")
 
 
 def test_kernel_with_library_flags(tmp_path):
@@ -64,10 +64,8 @@ def test_kernel_with_library_flags(tmp_path):
 
 
 def sanitizer_flags(tmp_path: Path) -> list[str]:
-    flags = ["-fno-omit-frame-pointer"]
-    if sanitizers_available(tmp_path):
-        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-    return flags
+    require_sanitizers(tmp_path)
+    return ["-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 
 
 def test_kernel_with_library_flags_and_sanitizers(tmp_path):

@@ -1,6 +1,6 @@
-"""TVM CPU kernels of gspn::scan against the reference (SPEC section 5, property 9).
-
-Inputs, tolerances and shapes come from ``tests/helpers.py``; every comparison prints its largest
+"""TVM CPU kernels of gspn::scan: their registration, the layer with them, torch.compile, and the
+kernels called directly against the reference (docs/operator.md; the cross-backend properties are in
+tests/backends). Inputs, tolerances and shapes come from ``tests/helpers.py``; every comparison prints its largest
 difference. The first run compiles one library per dtype (a few seconds each) into the kernel cache.
 """
 
@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import gspn_ref
 import gspn_tvm
+from gspn_ref.testing import ScanCase, check_scan_case
 from gspn_tvm import kernels
-from helpers import assert_close_scaled, make_scan_inputs, scan_cases
+from helpers import assert_close_scaled, make_scan_inputs, naive_scan_float64
 
 TVM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-NAMES = ("dx", "dlam", "dgl", "dgm", "dgr")
 
 
 @pytest.fixture
@@ -27,37 +25,16 @@ def tvm_enabled():
     gspn_tvm.disable()
 
 
-def _check_case(case, dtype, seed=0):
-    x, lam, gl, gm, gr = make_scan_inputs(case.B, case.C, case.G, case.H, case.W, dtype, seed=seed, direction=case.direction)
-    h = kernels.scan_forward(x, lam, gl, gm, gr, case.direction, case.chunk)
-    expected = gspn_ref.gspn_scan_ref(x, lam, gl, gm, gr, case.direction, case.chunk)
-    assert h.dtype == dtype
-    assert_close_scaled(h, expected, dtype, case.n_lines, "h")
-
-    gh = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    grads = kernels.scan_backward(gh, x, lam, gl, gm, gr, expected, case.direction, case.chunk)
-    expected_grads = gspn_ref.gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, expected, case.direction, case.chunk)
-    group = case.C // case.G
-    for name, got, want in zip(NAMES, grads, expected_grads):
-        assert got.dtype == dtype and got.shape == want.shape, name
-        assert_close_scaled(got, want, dtype, case.n_lines * (group if name.startswith("dg") else 1), name)
-
-
-@given(case=scan_cases(), dtype=st.sampled_from(TVM_DTYPES), seed=st.integers(0, 2**16))
-def test_tvm_cpu_matches_reference(case, dtype, seed):
-    _check_case(case, dtype, seed)
-
-
 @pytest.mark.parametrize("direction", gspn_ref.DIRECTIONS)
 @pytest.mark.parametrize(
     "shape, chunk",
     [((1, 1, 1, 1, 1), 0), ((2, 3, 3, 1, 9), 0), ((1, 2, 1, 9, 1), 2), ((2, 6, 2, 37, 35), 4), ((1, 4, 4, 70, 33), 33)],
 )
-def test_tvm_cpu_edge_shapes(direction, shape, chunk):
-    """H = 1, W = 1, odd sizes, lines longer than a staged tile, chunk not dividing the line count."""
-    from helpers import ScanCase
-
-    _check_case(ScanCase(*shape, direction, chunk), torch.float32)
+@pytest.mark.parametrize("dtype", TVM_DTYPES)
+def test_kernels_called_directly_at_tile_edges(direction, shape, chunk, dtype):
+    """The compiled kernels themselves (not through the operator): H = 1, W = 1, odd sizes, maps
+    wider and taller than a column tile and its 8x8 register blocks, chunk not dividing the lines."""
+    check_scan_case(kernels.scan_forward, ScanCase(*shape, direction, chunk), dtype, backward=kernels.scan_backward)
 
 
 def test_operator_autograd_runs_tvm(tvm_enabled, monkeypatch):
@@ -73,7 +50,7 @@ def test_operator_autograd_runs_tvm(tvm_enabled, monkeypatch):
     (h_ref * h_ref).sum().backward()
     assert len(calls) == 2, "forward and backward must both run TVM code"
     assert_close_scaled(h, h_ref, torch.float32, 5, "h")
-    for name, a, b in zip(NAMES, inputs, reference_inputs):
+    for name, a, b in zip(("dx", "dlam", "dgl", "dgm", "dgr"), inputs, reference_inputs):
         assert_close_scaled(a.grad, b.grad, torch.float32, 5 * 2, name)
 
 
@@ -95,9 +72,9 @@ def test_non_contiguous_inputs_and_float64_fallback(tvm_enabled):
     h = gspn_ref.gspn_scan(*swapped, "l2r", 0)
     assert_close_scaled(h, gspn_ref.gspn_scan_ref(x, lam, gl, gm, gr, "l2r", 0), torch.float32, 5, "h")
     doubles = [t.double() for t in (x, lam, gl, gm, gr)]
-    h64 = gspn_ref.gspn_scan(*doubles, "t2b", 0)
+    h64 = gspn_ref.gspn_scan(*doubles, "t2b", 0)  # float64 has no TVM kernel: the reference runs
     assert h64.dtype == torch.float64
-    torch.testing.assert_close(h64, gspn_ref.gspn_scan_ref(*doubles, "t2b", 0))
+    torch.testing.assert_close(h64, naive_scan_float64(*doubles, "t2b"), rtol=1e-12, atol=1e-12)
 
 
 def _layers(seed=0, **kwargs):
@@ -128,16 +105,17 @@ def test_gspn_layer_compiles_fullgraph_with_tvm(tvm_enabled):
     layer = _layers()
     x = torch.randn(1, 8, 6, 5, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = layer(x)
+        with gspn_tvm.enabled(False):  # the reference kernels: not the code under test
+            expected = layer(x)
         compiled = torch.compile(layer, fullgraph=True, backend="eager")
         got = compiled(x)
     assert_close_scaled(got, expected, torch.float32, 6 * 4, "compiled layer")
 
 
-# The kernel cache (damaged, foreign, unwritable entries, concurrent writers): tests/test_tvm_cache.py.
+# The kernel cache (damaged, foreign, unwritable entries, concurrent writers): tests/tvm/test_tvm_cache.py.
 
 
-# The structure of the column-scan tiles and the workspace they keep: tests/test_tvm_schedules.py.
+# The structure of the column-scan tiles and the workspace they keep: tests/tvm/test_tvm_schedules.py.
 
 
 THREADS = """
