@@ -17,6 +17,8 @@ the hardware threads: one on a 2-core machine). ``torch.set_num_threads`` change
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from gspn_ref import gspn_scan_backward_ref, gspn_scan_ref
@@ -24,13 +26,14 @@ from gspn_ref.directions import line_count, line_length
 from gspn_ref.validation import validate_backward_args, validate_scan_args
 
 from . import build, compute, threads
+from .schedules import cuda as cuda_schedule
+
+logger = logging.getLogger(__name__)
 
 _TORCH_TO_TVM = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _libraries: dict[tuple[str, str], object] = {}
 
-# Largest on-chip state of one CUDA thread block of the adjoint (bytes); beyond it the slice does
-# not fit in shared memory and the reference runs instead.
-CUDA_SHARED_LIMIT = 200 * 1024
+_warned_fallbacks: set[str] = set()
 
 
 def library(device: str, dtype: torch.dtype):
@@ -41,19 +44,27 @@ def library(device: str, dtype: torch.dtype):
     return _libraries[key]
 
 
-def _backward_shared_bytes(C: int, G: int, length: int) -> int:
-    group = C // G
-    return 4 * ((group + 1) * 3 * (length + 2) + group * 3 * length + 3 * length + length + 2 * (length + 2))
-
-
 def has_kernel(x: torch.Tensor, gl: torch.Tensor, direction: str, backward: bool = False) -> bool:
     """True when a compiled kernel serves these inputs (else the reference runs)."""
     if x.dtype not in _TORCH_TO_TVM:
         return False
     if backward and x.device.type == "cuda":
         length = line_length(direction, x.shape[2], x.shape[3])
-        return _backward_shared_bytes(x.shape[1], gl.shape[1], length) <= CUDA_SHARED_LIMIT
+        if not cuda_schedule.backward_fits(x.shape[1], gl.shape[1], length):
+            _warn_once("cuda-backward-shared", "gspn_tvm: the CUDA adjoint of C=%d, G=%d, lines of %d needs %d bytes of "
+                       "shared memory (limit %d): the reference adjoint runs for such shapes",
+                       x.shape[1], gl.shape[1], length,
+                       cuda_schedule.backward_shared_bytes(x.shape[1], gl.shape[1], length),
+                       cuda_schedule.SHARED_LIMIT_BYTES)  # fmt: skip
+            return False
     return True
+
+
+def _warn_once(key: str, message: str, *args) -> None:
+    """Log a fallback to the reference once per process and kind."""
+    if key not in _warned_fallbacks:
+        _warned_fallbacks.add(key)
+        logger.warning(message, *args)
 
 
 def _served_device(x: torch.Tensor) -> None:

@@ -77,3 +77,22 @@ def schedule_backward(direction: str, dtype: str):
     )
     sch.decompose_reduction(total, channel)
     return sch.mod["main"]
+
+
+#: Largest on-chip state of one thread block of the adjoint (bytes); beyond it a slice does not fit
+#: in shared memory and the reference runs instead (``gspn_tvm.kernels`` warns once).
+SHARED_LIMIT_BYTES = 200 * 1024
+
+
+def backward_shared_bytes(C: int, G: int, length: int) -> int:
+    """Shared memory one thread block of :func:`schedule_backward` uses for ``C`` channels, ``G``
+    groups and lines of ``length``: the float32 buffers it puts in ``shared.dyn`` above (flows and
+    adjoints of the group's channels with their halos, the previous line of ``h``, contributions,
+    the weight-gradient sums)."""
+    group = C // G
+    return 4 * ((group + 1) * 3 * (length + 2) + group * 3 * length + 3 * length + length + 2 * (length + 2))
+
+
+def backward_fits(C: int, G: int, length: int) -> bool:
+    """Whether the adjoint of that shape fits in :data:`SHARED_LIMIT_BYTES`."""
+    return backward_shared_bytes(C, G, length) <= SHARED_LIMIT_BYTES

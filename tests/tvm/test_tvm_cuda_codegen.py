@@ -70,3 +70,29 @@ def test_nvcc_compiles_for_sm90(cuda_source, tmp_path):
     print(result.stderr[-2000:])
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "scan.cubin").stat().st_size > 0
+
+
+def test_cuda_adjoint_falls_back_beyond_shared_memory_and_warns_once(caplog):
+    """The limit lives with the CUDA schedule; a slice too large for shared memory runs the
+    reference, and says so once per process (no GPU needed: only the decision is tested)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gspn_tvm import kernels
+    from gspn_tvm.schedules import cuda as cuda_schedule
+
+    def fake(C, G, H, W):
+        x = SimpleNamespace(dtype=torch.float32, device=torch.device("cuda"), shape=(1, C, H, W))
+        return x, SimpleNamespace(shape=(1, G, H, W))
+
+    small, large = fake(8, 8, 16, 16), fake(64, 1, 16, 1024)
+    assert cuda_schedule.backward_fits(8, 8, 16) and not cuda_schedule.backward_fits(64, 1, 1024)
+    kernels._warned_fallbacks.clear()
+    with caplog.at_level("WARNING", logger="gspn_tvm.kernels"):
+        assert kernels.has_kernel(*small, "t2b", backward=True)
+        assert not kernels.has_kernel(*large, "t2b", backward=True)
+        assert not kernels.has_kernel(*large, "t2b", backward=True)
+        assert kernels.has_kernel(*large, "t2b", backward=False)
+    warnings = [r for r in caplog.records if "shared memory" in r.getMessage()]
+    assert len(warnings) == 1 and "reference adjoint runs" in warnings[0].getMessage()
