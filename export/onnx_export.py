@@ -18,7 +18,7 @@ import onnxscript
 import torch
 from onnx import TensorProto, helper
 
-from gspn_ref.shapes import nchw_dynamic_shapes
+from gspn_ref.shapes import export_dynamic_shapes
 
 from .portable import make_portable
 from .schema import DOMAIN, INPUT_NAMES, OP_TYPE, OP_VERSION, register_onnx_schema
@@ -60,7 +60,7 @@ def to_onnx(
     path: str | os.PathLike,
     *,
     mode: str = "custom",
-    dynamic: bool = True,
+    dynamic: bool | tuple | dict = True,
     opset: int | None = None,
 ) -> onnx.ModelProto:
     """Export ``model(*example_args)`` to the ONNX file ``path``; returns the saved ModelProto.
@@ -68,13 +68,15 @@ def to_onnx(
     ``mode``: ``"custom"`` (one ``gspn::GSPNScan`` node per scan; run it with
     ``export.session``), ``"portable"`` (standard operators only, a ``Scan`` loop over lines; any
     ONNX runtime), or ``"portable-unrolled"`` (standard operators, no control flow; needs
-    ``dynamic=False``). ``dynamic``: batch size and the height and width of 4-D inputs are
-    symbolic (example sizes of at least 2 avoid torch specializing a size-1 dimension).
+    ``dynamic=False``). ``dynamic``: as for every exporter of the project
+    (:func:`gspn_ref.shapes.export_dynamic_shapes`): ``True`` makes batch, height and width of 4-D
+    inputs symbolic wherever the model allows (example sizes of at least 2 avoid torch specializing
+    a size-1 dimension), ``False`` fixes them, a tuple or dict is torch.export's ``dynamic_shapes``.
     ``opset``: default ONNX opset (default 20, at least 18).
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}; got {mode!r}")
-    if mode == "portable-unrolled" and dynamic:
+    if mode == "portable-unrolled" and dynamic is not False:
         raise ValueError("mode='portable-unrolled' fixes the number of lines: pass dynamic=False")
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset < 18:
@@ -86,7 +88,7 @@ def to_onnx(
         args,
         dynamo=True,
         custom_translation_table={torch.ops.gspn.scan.default: _translate_scan},
-        dynamic_shapes=nchw_dynamic_shapes(args) if dynamic else None,
+        dynamic_shapes=export_dynamic_shapes(dynamic, args),
         opset_version=opset,
         optimize=True,
         verbose=False,

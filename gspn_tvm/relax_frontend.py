@@ -30,7 +30,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from gspn_ref.onnx_op import DOMAIN as ONNX_SCAN_DOMAIN
 from gspn_ref.onnx_op import OP_TYPE as ONNX_SCAN_OP
-from gspn_ref.shapes import nchw_dynamic_shapes
+from gspn_ref.shapes import export_dynamic_shapes
 from gspn_ref.validation import validate_chunk, validate_direction
 
 from . import isa
@@ -383,25 +383,21 @@ def compile_model(
     example_args: Any,
     *,
     target: str | dict | tvm.target.Target = "llvm",
-    dynamic: bool | tuple = True,
+    dynamic: bool | tuple | dict = True,
 ) -> CompiledModel:
     """Compile ``model`` (called as ``model(*example_args)``) for ``target`` with TVM Relax.
 
-    ``dynamic=True``: batch, height and width of 4-D inputs (the batch of other inputs) are run-time
-    sizes, except those torch fixes (example sizes of 1, sizes the model's code depends on);
-    ``False``: every size is fixed at the example's (other sizes raise ``ValueError``); a
-    tuple is passed to ``torch.export.export`` as ``dynamic_shapes``. Model parameters are
-    captured as they are now.
+    ``dynamic`` means what it means for every exporter of the project
+    (:func:`gspn_ref.shapes.export_dynamic_shapes`): ``True``: batch, height and width of 4-D inputs
+    (the batch of other inputs) are run-time sizes, except those torch fixes (example sizes of 1,
+    sizes the model's code depends on); ``False``: every size is fixed at the example's (other sizes
+    raise ``ValueError``); a tuple or dict is passed to ``torch.export.export`` as ``dynamic_shapes``.
+    Model parameters are captured as they are now.
     """
     target = _as_target(target)
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     _check_model_dtypes(model, args)
-    if dynamic is True:
-        dynamic_shapes = nchw_dynamic_shapes(args, torch.export.Dim.AUTO)
-    elif dynamic is False:
-        dynamic_shapes = None
-    else:
-        dynamic_shapes = dynamic
+    dynamic_shapes = export_dynamic_shapes(dynamic, args)
     # Exported outside no_grad on purpose: a graph traced under no_grad makes Relax's FuseTIR fail
     # (TVM 0.27, "buffer_idx == buffers.size()") on models with two identical GSPN layers.
     program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
