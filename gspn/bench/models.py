@@ -154,7 +154,6 @@ def _peak_rss_worker(spec: dict) -> float:
     case, backend, artifact = spec["case"], spec["backend"], spec["artifact"]
     _, shape = CASES[case]
     x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-    torch.set_num_threads(torch.get_num_threads())
     if backend in ("torch-reference", "torch-tvm"):
         model, tensor = build_case(case)
         if backend == "torch-tvm":
