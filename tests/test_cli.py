@@ -7,7 +7,6 @@ import subprocess
 import sys
 import warnings
 
-import pytest
 import torch
 
 import export
