@@ -171,12 +171,10 @@ def demo_paper_network(out_dir: Path) -> None:
     """GSPN-T (random weights) at 224 x 224: eager, exported with the custom operator and run in ONNX
     Runtime; then the original code's tiny16 vectors (shipped in gspn_ref/data) reproduced."""
     import json
-    from importlib import resources
-
-    import numpy as np
 
     import export
     from gspn_ref.models import from_official_config, gspn_tiny
+    from gspn_ref.testing import official_network_state, official_network_vectors
 
     print("== 7. The paper's network (GSPN-T)")
     torch.manual_seed(0)
@@ -196,12 +194,10 @@ def demo_paper_network(out_dir: Path) -> None:
     print(f"  ONNX Runtime: {seconds * 1e3:.1f} ms, max |ORT - torch| {(result - logits).abs().max().item():.2e}, "
           f"same top-1 {bool((result.argmax(1) == logits.argmax(1)).all())}")
 
-    vectors_file = resources.files("gspn_ref").joinpath("data", "official_gspn_tiny16.npz")
-    with resources.as_file(vectors_file) as file, np.load(file, allow_pickle=False) as vectors:
-        tiny16 = from_official_config(json.loads(str(vectors["config"])))
-        state = {k.removeprefix("state/"): torch.from_numpy(vectors[k]) for k in vectors.files if k.startswith("state/")}
-        tiny16.load_state_dict(state, strict=True)
-        inputs, original = torch.from_numpy(vectors["input"]), torch.from_numpy(vectors["logits"])
+    vectors = official_network_vectors()
+    tiny16 = from_official_config(json.loads(str(vectors["config"])))
+    tiny16.load_state_dict(official_network_state(vectors), strict=True)
+    inputs, original = torch.from_numpy(vectors["input"]), torch.from_numpy(vectors["logits"])
     with torch.no_grad():
         ours = tiny16.eval()(inputs)
     print(f"  original code's tiny16 network (EMBED_DIM 16, 10 classes): weights loaded strictly, "

@@ -15,7 +15,8 @@ sizes), directions, chunks (often not dividing the line count) and weight groups
 ``AssertionError`` naming the failing case when the output, or the gradients of all five inputs
 for one upstream gradient, differ from the float64 reference beyond a tolerance derived from the
 dtype (:func:`scan_tolerance`). The strategies, the comparison and the conformance vectors of the
-original GSPN code (:func:`conformance_vectors`) are available separately. See ``docs/backends.md``.
+original GSPN code (:func:`conformance_vectors`, and the original network's run:
+:func:`official_network_vectors`) are available separately. See ``docs/backends.md``.
 """
 
 from __future__ import annotations
@@ -206,10 +207,29 @@ def assert_scan_matches(fn: ScanFn, *, backward: bool | Callable = True, dtypes=
     run()
 
 
+def _packaged_npz(name: str) -> dict[str, np.ndarray]:
+    """Every array of the package data file ``data/<name>``, read without pickles."""
+    data = resources.files(__package__).joinpath("data", name)
+    with resources.as_file(data) as path, np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
 def conformance_vectors() -> list[dict[str, np.ndarray]]:
     """The scans of the original GSPN code (float64, direction ``l2r``, chunk 0, per-channel,
     weights not normalized): a list of dicts with keys ``x, lam, gl, gm, gr, h``."""
-    data = resources.files(__package__).joinpath("data", "official_l2r_vectors.npz")
-    with resources.as_file(data) as path, np.load(path) as npz:
-        n = 1 + max(int(key.split("_", 1)[0]) for key in npz.files)
-        return [{name: npz[f"{k}_{name}"] for name in ("x", "lam", "gl", "gm", "gr", "h")} for k in range(n)]
+    npz = _packaged_npz("official_l2r_vectors.npz")
+    n = 1 + max(int(key.split("_", 1)[0]) for key in npz)
+    return [{name: npz[f"{k}_{name}"] for name in ("x", "lam", "gl", "gm", "gr", "h")} for k in range(n)]
+
+
+def official_network_vectors() -> dict[str, np.ndarray]:
+    """The original classification network (tiny configuration, ``EMBED_DIM`` 16, 10 classes, random
+    weights) as the original code ran it: ``state/<name>`` (its state dict), ``input``, ``logits``,
+    ``logits_float64``, intermediates (``patch_embed_output``, ``block0_op_input``,
+    ``block0_op_output``, ``layer{i}_output``), and ``config`` and ``blocks`` (JSON strings)."""
+    return _packaged_npz("official_gspn_tiny16.npz")
+
+
+def official_network_state(vectors: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The state dict held in :func:`official_network_vectors` (``state/`` prefixes removed)."""
+    return {k.removeprefix("state/"): torch.from_numpy(v) for k, v in vectors.items() if k.startswith("state/")}

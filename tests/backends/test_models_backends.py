@@ -35,13 +35,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import gspn_ref
 import export
 import gspn_tvm
 from gspn_ref.models import from_official_config
+from gspn_ref.testing import official_network_state, official_network_vectors
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # official_gspn_archs.json
-PACKAGE_DATA = Path(gspn_ref.__file__).parent / "data"  # official_gspn_tiny16.npz (shipped with the package)
 LOADER_FILE = Path(__file__).resolve().parents[2] / "gspn_tvm" / "runtime_loader.py"
 EXPORT_SIZE, OTHER_SIZE = 64, 48  # the vectors' size; another square size (maps 12, 6, 3, 2)
 ORIGINAL_LOGITS_ATOL = 1e-4  # OFFICIAL_MODEL.md section 12: a float32 port on the original's logits
@@ -55,16 +54,14 @@ EPS32 = torch.finfo(torch.float32).eps
 
 @pytest.fixture(scope="module")
 def vectors():
-    with np.load(PACKAGE_DATA / "official_gspn_tiny16.npz", allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    return official_network_vectors()
 
 
 @pytest.fixture(scope="module")
 def tiny16(vectors):
     """The original's tiny16 network, its state dict loaded strictly, eval mode, float32."""
     model = from_official_config(json.loads(str(vectors["config"])))
-    state = {k.removeprefix("state/"): torch.from_numpy(v) for k, v in vectors.items() if k.startswith("state/")}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(official_network_state(vectors), strict=True)
     return model.eval()
 
 

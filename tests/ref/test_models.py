@@ -21,11 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-import gspn_ref
 from gspn_ref import gspn_scan
 from gspn_ref.models import (
     DEFAULT_CONFIG,
-    GSPNMixer,
     StateDictMismatchError,
     UnsafeCheckpointError,
     from_official_config,
@@ -36,9 +34,9 @@ from gspn_ref.models import (
     official_config,
     read_checkpoint,
 )
+from gspn_ref.testing import official_network_state, official_network_vectors
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # official_gspn_archs.json
-PACKAGE_DATA = Path(gspn_ref.__file__).parent / "data"  # official_gspn_tiny16.npz (shipped with the package)
 
 # OFFICIAL_MODEL.md section 12: the official float32 run is within 4e-6 (logits), 3e-6 (first mixer)
 # and 4e-5 (layer3, values up to ~10) of its own float64 run; a float32 port carries rounding errors
@@ -58,13 +56,12 @@ FLOAT64_ATOL = 1e-9  # float64 port vs the official float64 logits (section 12)
 
 @pytest.fixture(scope="module")
 def vectors():
-    with np.load(PACKAGE_DATA / "official_gspn_tiny16.npz", allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    return official_network_vectors()
 
 
 @pytest.fixture(scope="module")
 def official_state(vectors):
-    return {k[len("state/") :]: torch.from_numpy(v) for k, v in vectors.items() if k.startswith("state/")}
+    return official_network_state(vectors)
 
 
 @pytest.fixture(scope="module")
