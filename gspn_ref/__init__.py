@@ -10,8 +10,10 @@ the paper's classification networks GSPN-T/S/B, weight-compatible with the origi
 from .affinity import affinity_matrix, propagation_matrix
 from .directions import DIRECTIONS, is_column, is_reversed, line_count, line_length
 from .layer import GRN, GSPN, GSPNBlock, LayerNorm2d, TinyGSPNClassifier, layer_affinity
-from .normalize import normalize_weights
-from .ops import gspn_scan, scan_backward_op, scan_op  # noqa: F401  (the operator's plumbing: not in __all__)
+from .fused import gspn_fused_scan_backward_ref, gspn_fused_scan_ref
+from .normalize import normalize_weights, normalize_weights_backward
+from .ops import gspn_fused_scan, gspn_scan  # noqa: F401
+from .ops import fused_scan_backward_op, fused_scan_op, scan_backward_op, scan_op  # noqa: F401  (plumbing: not in __all__)
 from .scan import accumulation_dtype, gspn_scan_backward_ref, gspn_scan_ref
 from .validation import SUPPORTED_DTYPES, validate_scan_args  # noqa: F401  (internal: not in __all__)
 
@@ -37,6 +39,9 @@ __all__ = [
     "TinyGSPNClassifier",
     "accumulation_dtype",
     "affinity_matrix",
+    "gspn_fused_scan",
+    "gspn_fused_scan_backward_ref",
+    "gspn_fused_scan_ref",
     "gspn_scan",
     "gspn_scan_backward_ref",
     "gspn_scan_ref",
@@ -46,5 +51,6 @@ __all__ = [
     "line_count",
     "line_length",
     "normalize_weights",
+    "normalize_weights_backward",
     "propagation_matrix",
 ]

@@ -35,3 +35,28 @@ def normalize_weights(al: torch.Tensor, am: torch.Tensor, ar: torch.Tensor, dire
     s_r = s_r * (pos < n - 1).reshape(shape).to(acc)
     total = torch.clamp(s_l + s_m + s_r, min=NORMALIZATION_FLOOR)
     return tuple((s / total).to(al.dtype) for s in (s_l, s_m, s_r))
+
+
+def normalize_weights_backward(dgl, dgm, dgr, al, am, ar, direction: str):
+    """Adjoint of :func:`normalize_weights`: ``(dal, dam, dar)`` for the weight gradients ``dg*``.
+
+    With ``s_k = sigmoid(a_k) * mask_k`` and ``t = max(s_l + s_m + s_r, 1e-7)``, ``g_k = s_k / t``:
+    ``ds_k = (dg_k - [t > floor] * sum_j dg_j g_j) / t`` and ``da_k = ds_k * mask_k * σ'(a_k)``
+    (the sum over ``g_j`` rather than ``s_j / t``: exactly zero where a line has one position).
+    Computed in the accumulation dtype; returned in the dtype of ``al``. Shapes ``(B, G, H, W)``.
+    """
+    acc = torch.float64 if al.dtype == torch.float64 else torch.float32
+    sig = [torch.sigmoid(t.to(acc)) for t in (al, am, ar)]
+    axis = -2 if is_column(direction) else -1
+    n = al.shape[axis]
+    pos = torch.arange(n, device=al.device)
+    shape = (n, 1) if axis == -2 else (n,)
+    masks = [(pos > 0).reshape(shape).to(acc), torch.ones((), dtype=acc, device=al.device),
+             (pos < n - 1).reshape(shape).to(acc)]  # fmt: skip
+    s = [sg * m for sg, m in zip(sig, masks)]
+    total = s[0] + s[1] + s[2]
+    t = torch.clamp(total, min=NORMALIZATION_FLOOR)
+    dg = [d.to(acc) for d in (dgl, dgm, dgr)]
+    g = [sk / t for sk in s]
+    dot = (dg[0] * g[0] + dg[1] * g[1] + dg[2] * g[2]) * (total > NORMALIZATION_FLOOR).to(acc)
+    return tuple(((d - dot) / t * m * sg * (1 - sg)).to(al.dtype) for d, m, sg in zip(dg, masks, sig))

@@ -14,3 +14,8 @@ OUTPUT_NAMES = ("h",)
 #: Values of the ``direction`` attribute (string, required); ``chunk`` (int) defaults to 0.
 DIRECTION_VALUES = DIRECTIONS
 CHUNK_DEFAULT = 0
+
+#: The fused scan (docs/operator.md, "The fused scan"): same domain, version and attributes.
+FUSED_OP_TYPE = "GSPNFusedScan"
+FUSED_INPUT_NAMES = ("u", "lam", "al", "am", "ar", "gate", "skip")
+FUSED_OUTPUT_NAMES = ("y",)

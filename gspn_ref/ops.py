@@ -15,8 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .fused import gspn_fused_scan_backward_ref, gspn_fused_scan_ref
 from .scan import gspn_scan_backward_ref, gspn_scan_ref
-from .validation import validate_backward_args, validate_chunk, validate_direction, validate_scan_args
+from .validation import (
+    validate_backward_args,
+    validate_chunk,
+    validate_direction,
+    validate_fused_args,
+    validate_like,
+    validate_scan_args,
+)
 
 
 @torch.library.custom_op("gspn::scan", mutates_args=())
@@ -31,6 +39,23 @@ def scan_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Adjoint scan: ``(dx, dlam, dgl, dgm, dgr)`` shaped like ``(x, lam, gl, gm, gr)``."""
     return gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction, chunk)
+
+
+@torch.library.custom_op("gspn::fused_scan", mutates_args=())
+def fused_scan_op(
+    u: Tensor, lam: Tensor, al: Tensor, am: Tensor, ar: Tensor, gate: Tensor, skip: Tensor, direction: str, chunk: int
+) -> Tensor:
+    """``y = gspn_fused_scan(u, lam, al, am, ar, gate, skip, direction, chunk)`` (docs/operator.md, "The fused scan")."""
+    return gspn_fused_scan_ref(u, lam, al, am, ar, gate, skip, direction, chunk)
+
+
+@torch.library.custom_op("gspn::fused_scan_backward", mutates_args=())
+def fused_scan_backward_op(
+    gy: Tensor, u: Tensor, lam: Tensor, al: Tensor, am: Tensor, ar: Tensor, gate: Tensor, skip: Tensor,
+    direction: str, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Adjoint of the fused scan: ``(du, dlam, dal, dam, dar, dgate, dskip)`` shaped like its inputs."""
+    return gspn_fused_scan_backward_ref(gy, u, lam, al, am, ar, gate, skip, direction, chunk)
 
 
 def _check_shapes(x, lam, gl, gm, gr):
@@ -76,6 +101,42 @@ def _scan_backward_fake(
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, lam, gl, gm, gr))
 
 
+def _check_like(x, **tensors):
+    for name, t in tensors.items():
+        torch._check(t.dim() == 4, lambda: f"{name}: expected 4-D; got {t.dim()}-D")
+        torch._check(t.dtype == x.dtype, lambda: f"{name}: expected dtype {x.dtype}; got {t.dtype}")
+        for d in range(4):
+            torch._check(t.shape[d] == x.shape[d], lambda: f"{name}: expected shape {tuple(x.shape)}; got {tuple(t.shape)}")
+
+
+@fused_scan_op.register_fake
+def _fused_scan_fake(
+    u: Tensor, lam: Tensor, al: Tensor, am: Tensor, ar: Tensor, gate: Tensor, skip: Tensor, direction: str, chunk: int
+) -> Tensor:
+    if _concrete(u, lam, al, am, ar, gate, skip):
+        validate_fused_args(u, lam, al, am, ar, gate, skip, direction, chunk)
+    else:
+        _check_shapes(u, lam, al, am, ar)
+        _check_like(u, gate=gate, skip=skip)
+        validate_direction(direction), validate_chunk(chunk)
+    return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+
+@fused_scan_backward_op.register_fake
+def _fused_scan_backward_fake(
+    gy: Tensor, u: Tensor, lam: Tensor, al: Tensor, am: Tensor, ar: Tensor, gate: Tensor, skip: Tensor,
+    direction: str, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if _concrete(gy, u, lam, al, am, ar, gate, skip):
+        validate_fused_args(u, lam, al, am, ar, gate, skip, direction, chunk)
+        validate_like(u, "u", gy=gy)
+    else:
+        _check_shapes(u, lam, al, am, ar)
+        _check_like(u, gate=gate, skip=skip, gy=gy)
+        validate_direction(direction), validate_chunk(chunk)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, lam, al, am, ar, gate, skip))
+
+
 def _setup_context(ctx, inputs, output):
     x, lam, gl, gm, gr, direction, chunk = inputs
     ctx.save_for_backward(x, lam, gl, gm, gr, output)
@@ -91,6 +152,20 @@ def _backward(ctx, gh):
 scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _fused_setup_context(ctx, inputs, output):
+    *tensors, direction, chunk = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.direction, ctx.chunk = direction, chunk
+
+
+def _fused_backward(ctx, gy):
+    grads = torch.ops.gspn.fused_scan_backward(gy.contiguous(), *ctx.saved_tensors, ctx.direction, ctx.chunk)
+    return (*grads, None, None)
+
+
+fused_scan_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
 def gspn_scan(
     x: Tensor, lam: Tensor, gl: Tensor, gm: Tensor, gr: Tensor, direction: str = "t2b", chunk: int = 0
 ) -> Tensor:
@@ -100,3 +175,14 @@ def gspn_scan(
     """
     validate_scan_args(x, lam, gl, gm, gr, direction, chunk)
     return torch.ops.gspn.scan(x, lam, gl, gm, gr, direction, chunk)
+
+
+def gspn_fused_scan(
+    u: Tensor, lam: Tensor, al: Tensor, am: Tensor, ar: Tensor, gate: Tensor, skip: Tensor,
+    direction: str = "t2b", chunk: int = 0,
+) -> Tensor:
+    """Validated entry point to ``torch.ops.gspn.fused_scan``; same contract as
+    :func:`gspn_ref.fused.gspn_fused_scan_ref`: ``gspn_scan(u, lam, normalize_weights(al, am, ar))
+    * gate + u * skip`` in one pass. Differentiable in all seven tensors."""
+    validate_fused_args(u, lam, al, am, ar, gate, skip, direction, chunk)
+    return torch.ops.gspn.fused_scan(u, lam, al, am, ar, gate, skip, direction, chunk)

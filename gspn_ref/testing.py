@@ -31,11 +31,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .directions import DIRECTIONS, line_count
+from .fused import gspn_fused_scan_backward_ref, gspn_fused_scan_ref
 from .normalize import normalize_weights
 from .scan import accumulation_dtype, gspn_scan_backward_ref, gspn_scan_ref
 
 ScanFn = Callable[..., torch.Tensor]
 GRAD_NAMES = ("x", "lam", "gl", "gm", "gr")
+FUSED_GRAD_NAMES = ("u", "lam", "al", "am", "ar", "gate", "skip")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -118,14 +120,18 @@ def scan_tolerance(dtype: torch.dtype, n_terms: int) -> float:
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, n_terms: int,
-                        what: str = "output") -> None:  # fmt: skip
-    """Assert ``actual`` matches ``expected`` within :func:`scan_tolerance`; prints the max difference."""
+                        what: str = "output", *, scale: float | None = None) -> None:  # fmt: skip
+    """Assert ``actual`` matches ``expected`` within :func:`scan_tolerance`; prints the max difference.
+
+    ``scale`` (default ``max |expected|``) is the magnitude errors are measured against."""
     actual = torch.as_tensor(actual)
     if tuple(actual.shape) != tuple(expected.shape):
         raise AssertionError(f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     tol = scan_tolerance(dtype, n_terms)
-    scale = max(e.abs().max().item(), 1e-30) if e.numel() else 1.0
+    if scale is None:
+        scale = e.abs().max().item() if e.numel() else 1.0
+    scale = max(scale, 1e-30)
     err = (a - e).abs()
     worst = err.max().item() if err.numel() else 0.0
     print(f"{what}: max |diff| = {worst:.3e}, scale = {scale:.3e}, rtol = {tol:.3e}")
@@ -203,6 +209,79 @@ def assert_scan_matches(fn: ScanFn, *, backward: bool | Callable = True, dtypes=
            seed=st.integers(0, 2**16), normalized=st.booleans())  # fmt: skip
     def run(case, dtype, seed, normalized):
         check_scan_case(fn, case, dtype, backward=backward, device=device, seed=seed, normalized=normalized)
+
+    run()
+
+
+def fused_inputs(case: ScanCase, dtype: torch.dtype = torch.float32, device="cpu", *, seed: int = 0,
+                 logit_scale: float = 2.0):  # fmt: skip
+    """``(u, lam, al, am, ar, gate, skip)`` for ``case`` in ``dtype``: drawn in float64 (logits
+    times ``logit_scale``), then rounded once."""
+    gen = torch.Generator().manual_seed(seed)
+    full = [torch.randn(case.B, case.C, case.H, case.W, generator=gen, dtype=torch.float64) for _ in range(4)]
+    logits = torch.randn(3, case.B, case.G, case.H, case.W, generator=gen, dtype=torch.float64) * logit_scale
+    u, lam, gate, skip = full
+    return tuple(t.to(dtype=dtype, device=device) for t in (u, lam, *logits, gate, skip))
+
+
+def check_fused_case(fn: ScanFn, case: ScanCase, dtype: torch.dtype, *, backward: bool = True, device="cpu",
+                     seed: int = 0, logit_scale: float = 2.0) -> None:  # fmt: skip
+    """Compare a fused scan ``fn(u, lam, al, am, ar, gate, skip, direction, chunk)`` with the float64
+    reference on one case: output and (``backward``) the seven gradients under one upstream gradient."""
+    inputs = fused_inputs(case, dtype, device, seed=seed, logit_scale=logit_scale)
+    ref_inputs = [t.detach().double().cpu() for t in inputs]
+    expected = gspn_fused_scan_ref(*ref_inputs, case.direction, case.chunk)
+    label = f"{case} {str(dtype).replace('torch.', '')} seed={seed} logit_scale={logit_scale}"
+    if backward:
+        gy = torch.randn(case.B, case.C, case.H, case.W, generator=torch.Generator().manual_seed(seed + 1),
+                         dtype=torch.float64).to(dtype=dtype, device=device)  # fmt: skip
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = fn(*leaves, case.direction, case.chunk)
+        grads = torch.autograd.grad(y, leaves, gy, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+    else:
+        with torch.no_grad():
+            y = fn(*inputs, case.direction, case.chunk)
+    assert_close_scaled(y, expected, dtype, case.n_lines, f"{label}: y")
+    if backward:
+        gy64 = gy.double().cpu()
+        want = gspn_fused_scan_backward_ref(gy64, *ref_inputs, case.direction, case.chunk)
+        # Logit gradients are measured against the weight gradients they come from: where a weight
+        # is forced (gm == 1 on a one-position line) the logit gradient is 0 plus rounding noise.
+        u, lam, al, am, ar, gate, _ = ref_inputs
+        weights = normalize_weights(al, am, ar, case.direction)
+        h = gspn_scan_ref(u, lam, *weights, case.direction, case.chunk)
+        weight_grads = gspn_scan_backward_ref(gy64 * gate, u, lam, *weights, h, case.direction, case.chunk)[2:]
+        weight_scale = max(g.abs().max().item() for g in weight_grads)
+        group_terms = case.n_lines * (case.C // case.G)
+        for name, got, w in zip(FUSED_GRAD_NAMES, grads, want):
+            logit = name in ("al", "am", "ar")
+            scale = max(weight_scale, w.abs().max().item()) if logit else None
+            terms = group_terms if logit else case.n_lines
+            assert_close_scaled(got, w, dtype, terms, f"{label}: d{name}", scale=scale)
+
+
+def assert_fused_scan_matches(fn: ScanFn, *, backward: bool = True, dtypes=(torch.float32,),
+                              max_examples: int | None = None, max_side: int = 9,
+                              directions: Sequence[str] = DIRECTIONS, device="cpu") -> None:  # fmt: skip
+    """Hold a fused scan to the reference on Hypothesis-drawn valid inputs, like
+    :func:`assert_scan_matches`. ``fn(u, lam, al, am, ar, gate, skip, direction, chunk) -> y`` takes
+    the arguments of :func:`gspn_ref.gspn_fused_scan_ref`; logits are drawn at scales 0.5 to 8
+    (8 saturates the sigmoid). Raises ``AssertionError`` naming the case, the tensor and the error.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable taking (u, lam, al, am, ar, gate, skip, direction, chunk); got {fn!r}")
+    dtypes = tuple(dtypes)
+    bad = [d for d in dtypes if not (isinstance(d, torch.dtype) and d.is_floating_point)]
+    if not dtypes or bad:
+        raise TypeError(f"dtypes: expected floating torch dtypes; got {dtypes!r}")
+
+    @settings(max_examples=max_examples or settings.default.max_examples, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @given(case=scan_cases(max_side=max_side, directions=directions), dtype=st.sampled_from(dtypes),
+           seed=st.integers(0, 2**16), logit_scale=st.sampled_from((0.5, 2.0, 8.0)))  # fmt: skip
+    def run(case, dtype, seed, logit_scale):
+        check_fused_case(fn, case, dtype, backward=backward, device=device, seed=seed, logit_scale=logit_scale)
 
     run()
 

@@ -48,7 +48,7 @@ def _check_tensor(name: str, t, x=None) -> None:
         raise TypeError(f"{name}: expected a dense (strided) tensor; got layout {t.layout}")
 
 
-def validate_scan_args(x, lam, gl, gm, gr, direction, chunk) -> None:
+def validate_scan_args(x, lam, gl, gm, gr, direction, chunk, *, names: tuple[str, ...] = _NAMES) -> None:
     """Check the inputs of ``gspn_scan`` against docs/operator.md ("The scan").
 
     ``x``, ``lam``: ``(B, C, H, W)``; ``gl``, ``gm``, ``gr``: ``(B, G, H, W)`` with ``G`` dividing ``C``;
@@ -56,55 +56,73 @@ def validate_scan_args(x, lam, gl, gm, gr, direction, chunk) -> None:
     Raises ``TypeError`` for wrong types/dtypes/layouts and ``ValueError`` for wrong shapes,
     devices or values. Any strides are accepted (kernels make their own contiguous copies), as are
     aliased arguments (the scan never writes its inputs) and element counts beyond 2**31.
+    ``names`` are the five arguments' names in error messages (the fused scan calls them
+    ``u, lam, al, am, ar``).
     """
     tensors = (x, lam, gl, gm, gr)
-    for name, t in zip(_NAMES, tensors):
+    for name, t in zip(names, tensors):
         _check_tensor(name, t)
-    for name, t in zip(_NAMES, tensors):
+    for name, t in zip(names, tensors):
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
                 f"{name}: expected a floating dtype in "
                 f"{[str(d).replace('torch.', '') for d in SUPPORTED_DTYPES]}; got {str(t.dtype).replace('torch.', '')}"
             )
-    for name, t in zip(_NAMES[1:], tensors[1:]):
+    for name, t in zip(names[1:], tensors[1:]):
         if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x); got {t.dtype}")
-    for name, t in zip(_NAMES[1:], tensors[1:]):
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of {names[0]}); got {t.dtype}")
+    for name, t in zip(names[1:], tensors[1:]):
         if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x); got {t.device}")
-    for name, t in zip(_NAMES, tensors):
+            raise ValueError(f"{name}: expected device {x.device} (the device of {names[0]}); got {t.device}")
+    for name, t in zip(names, tensors):
         if t.dim() != 4:
-            layout = "(B, C, H, W)" if name in ("x", "lam") else "(B, G, H, W)"
+            layout = "(B, C, H, W)" if name in names[:2] else "(B, G, H, W)"
             raise ValueError(f"{name}: expected a 4-D tensor {layout}; got shape {tuple(t.shape)}")
     if any(d == 0 for d in x.shape):
-        raise ValueError(f"x: expected every dimension >= 1; got shape {tuple(x.shape)}")
+        raise ValueError(f"{names[0]}: expected every dimension >= 1; got shape {tuple(x.shape)}")
     if lam.shape != x.shape:
-        raise ValueError(f"lam: expected shape {tuple(x.shape)} (the shape of x); got {tuple(lam.shape)}")
+        raise ValueError(f"{names[1]}: expected shape {tuple(x.shape)} (the shape of {names[0]}); got {tuple(lam.shape)}")
     B, C, H, W = x.shape
     G = gl.shape[1]
-    for name, t in zip(_NAMES[2:], tensors[2:]):
+    for name, t in zip(names[2:], tensors[2:]):
         if t.shape[0] != B or t.shape[2:] != x.shape[2:] or t.shape[1] != G:
             raise ValueError(
                 f"{name}: expected shape (B, G, H, W) = ({B}, {G}, {H}, {W}) "
-                f"(B, H, W from x, G from gl); got {tuple(t.shape)}"
+                f"(B, H, W from {names[0]}, G from {names[2]}); got {tuple(t.shape)}"
             )
     if G == 0 or C % G != 0:
-        raise ValueError(f"gl: expected a group count G that divides C = {C}; got G = {G}")
+        raise ValueError(f"{names[2]}: expected a group count G that divides C = {C}; got G = {G}")
     validate_direction(direction)
     validate_chunk(chunk)
+
+
+FUSED_NAMES = ("u", "lam", "al", "am", "ar", "gate", "skip")
+
+
+def validate_fused_args(u, lam, al, am, ar, gate, skip, direction, chunk) -> None:
+    """Check the inputs of ``gspn_fused_scan`` (docs/operator.md, "The fused scan"): ``u, lam, al,
+    am, ar`` as ``x, lam, gl, gm, gr`` of :func:`validate_scan_args`, and ``gate``, ``skip``
+    shaped, typed and placed like ``u``."""
+    validate_scan_args(u, lam, al, am, ar, direction, chunk, names=FUSED_NAMES[:5])
+    validate_like(u, "u", gate=gate, skip=skip)
+
+
+def validate_like(x, x_name: str, **tensors) -> None:
+    """Each of ``tensors`` (name=tensor) is a dense tensor of ``x``'s shape, dtype and device."""
+    for name, t in tensors.items():
+        _check_tensor(name, t)
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of {x_name}); got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of {x_name}); got {t.device}")
+        if t.shape != x.shape:
+            raise ValueError(f"{name}: expected shape {tuple(x.shape)} (the shape of {x_name}); got {tuple(t.shape)}")
 
 
 def validate_backward_args(gh, h, x) -> None:
     """Check the extra inputs of the adjoint scan: ``gh`` and the forward output ``h`` are tensors
     shaped, typed and placed like ``x`` (whose own checks are :func:`validate_scan_args`)."""
-    for name, t in (("gh", gh), ("h", h)):
-        _check_tensor(name, t)
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x); got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x); got {t.device}")
-        if t.shape != x.shape:
-            raise ValueError(f"{name}: expected shape {tuple(x.shape)} (the shape of x); got {tuple(t.shape)}")
+    validate_like(x, "x", gh=gh, h=h)
 
 
 def validate_feature_map(x, channels: int, parameter: torch.Tensor, name: str = "x") -> None:
