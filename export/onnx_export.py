@@ -1,7 +1,7 @@
-"""torch -> ONNX for models that use ``gspn::scan``.
+"""torch -> ONNX for models that use ``gspn::scan`` and ``gspn::fused_scan``.
 
-The translation of ``torch.ops.gspn.scan`` emits one ``gspn::GSPNScan`` node per scan. The
-portable forms are derived from that graph by ``export.portable.make_portable``, so the custom and
+The translation of ``torch.ops.gspn.scan`` emits one ``gspn::GSPNScan`` node per scan, that of
+``torch.ops.gspn.fused_scan`` one ``gspn::GSPNFusedScan`` node per fused scan. The portable forms are derived from that graph by ``export.portable.make_portable``, so the custom and
 the portable model of one export have the same nodes around the scans.
 """
 
@@ -21,7 +21,17 @@ from onnx import TensorProto, helper
 from gspn_ref.shapes import export_dynamic_shapes
 
 from .portable import make_portable
-from .schema import DOMAIN, INPUT_NAMES, OP_TYPE, OP_VERSION, register_onnx_schema
+from .schema import (
+    DOMAIN,
+    FUSED_INPUT_NAMES,
+    FUSED_OP_TYPE,
+    FUSED_OUTPUT_NAMES,
+    INPUT_NAMES,
+    OP_TYPE,
+    OP_VERSION,
+    OUTPUT_NAMES,
+    register_onnx_schema,
+)
 
 MODES = ("custom", "portable", "portable-unrolled")
 DEFAULT_OPSET = 20
@@ -32,6 +42,17 @@ _GSPN_OPSET = onnxscript.values.Opset(DOMAIN, OP_VERSION)
 def _translate_scan(x, lam, gl, gm, gr, direction: str, chunk: int = 0):
     """onnxscript translation of ``torch.ops.gspn.scan``: one GSPNScan node."""
     return _GSPN_OPSET.GSPNScan(x, lam, gl, gm, gr, direction=direction, chunk=chunk)
+
+
+def _translate_fused_scan(u, lam, al, am, ar, gate, skip, direction: str, chunk: int = 0):
+    """onnxscript translation of ``torch.ops.gspn.fused_scan``: one GSPNFusedScan node."""
+    return _GSPN_OPSET.GSPNFusedScan(u, lam, al, am, ar, gate, skip, direction=direction, chunk=chunk)
+
+
+_TRANSLATIONS = {
+    torch.ops.gspn.scan.default: _translate_scan,
+    torch.ops.gspn.fused_scan.default: _translate_fused_scan,
+}
 
 
 def _rename_symbolic_dims(model: onnx.ModelProto) -> None:
@@ -65,7 +86,8 @@ def to_onnx(
 ) -> onnx.ModelProto:
     """Export ``model(*example_args)`` to the ONNX file ``path``; returns the saved ModelProto.
 
-    ``mode``: ``"custom"`` (one ``gspn::GSPNScan`` node per scan; run it with
+    ``mode``: ``"custom"`` (one ``gspn::GSPNScan`` node per scan, one ``gspn::GSPNFusedScan`` per
+    fused scan; run it with
     ``export.session``), ``"portable"`` (standard operators only, a ``Scan`` loop over lines; any
     ONNX runtime), or ``"portable-unrolled"`` (standard operators, no control flow; needs
     ``dynamic=False``). ``dynamic``: as for every exporter of the project
@@ -87,7 +109,7 @@ def to_onnx(
         model,
         args,
         dynamo=True,
-        custom_translation_table={torch.ops.gspn.scan.default: _translate_scan},
+        custom_translation_table=_TRANSLATIONS,
         dynamic_shapes=export_dynamic_shapes(dynamic, args),
         opset_version=opset,
         optimize=True,
@@ -112,6 +134,37 @@ def _onnx_elem_type(dtype) -> int:
         raise ValueError(f"dtype: expected float32 or float16; got {dtype!r}") from None
 
 
+def _one_node_model(
+    name: str, op_type: str, input_names: tuple[str, ...], output_name: str, direction: str, chunk: int, dtype: Any,
+    mode: str, shape: tuple[int, int, int, int, int] | None, opset: int,
+) -> onnx.ModelProto:
+    """A model of one ``op_type`` node ``name`` whose inputs are (B, C, H, W) data but for the weights
+    ``{gl, gm, gr}`` / ``{al, am, ar}`` (B, G, H, W); see :func:`scan_model`."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}; got {mode!r}")
+    register_onnx_schema()
+    elem = _onnx_elem_type(dtype)
+    B, C, G, H, W = shape if shape is not None else ("B", "C", "G", "H", "W")
+    data_shape, weight_shape = [B, C, H, W], [B, G, H, W]
+    inputs = [helper.make_tensor_value_info(name, elem, weight_shape if name in _WEIGHT_NAMES else data_shape)
+              for name in input_names]  # fmt: skip
+    node = helper.make_node(op_type, list(input_names), [output_name], name=name, domain=DOMAIN,
+                            direction=direction, chunk=int(chunk))  # fmt: skip
+    graph = helper.make_graph([node], f"gspn_{name}_{direction}",
+                              inputs, [helper.make_tensor_value_info(output_name, elem, data_shape)])  # fmt: skip
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
+        producer_name="gspn.export",
+    )
+    if mode != "custom":
+        model = make_portable(model, unroll=mode == "portable-unrolled")
+    return model
+
+
+_WEIGHT_NAMES = frozenset(INPUT_NAMES[2:] + FUSED_INPUT_NAMES[2:5])
+
+
 def scan_model(
     direction: str,
     chunk: int = 0,
@@ -126,32 +179,34 @@ def scan_model(
     ``shape=(B, C, G, H, W)`` fixes the sizes; by default they are symbolic. ``mode`` as in
     :func:`to_onnx`. Used by tests and benchmarks to run the operator alone.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}; got {mode!r}")
-    register_onnx_schema()
-    elem = _onnx_elem_type(dtype)
-    B, C, G, H, W = shape if shape is not None else ("B", "C", "G", "H", "W")
-    data_shape, weight_shape = [B, C, H, W], [B, G, H, W]
-    inputs = [
-        helper.make_tensor_value_info(name, elem, data_shape if name in ("x", "lam") else weight_shape)
-        for name in INPUT_NAMES
-    ]
-    node = helper.make_node(OP_TYPE, list(INPUT_NAMES), ["h"], name="scan", domain=DOMAIN,
-                            direction=direction, chunk=int(chunk))  # fmt: skip
-    graph = helper.make_graph([node], f"gspn_scan_{direction}",
-                              inputs, [helper.make_tensor_value_info("h", elem, data_shape)])  # fmt: skip
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
-        producer_name="gspn.export",
-    )
-    if mode != "custom":
-        model = make_portable(model, unroll=mode == "portable-unrolled")
-    return model
+    return _one_node_model("scan", OP_TYPE, INPUT_NAMES, OUTPUT_NAMES[0], direction, chunk, dtype, mode, shape, opset)
+
+
+def fused_scan_model(
+    direction: str,
+    chunk: int = 0,
+    dtype: Any = "float32",
+    *,
+    mode: str = "custom",
+    shape: tuple[int, int, int, int, int] | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """A model of one fused scan: inputs ``u, lam`` (B, C, H, W), ``al, am, ar`` (B, G, H, W)
+    logits, ``gate, skip`` (B, C, H, W); output y (B, C, H, W). Arguments as for :func:`scan_model`."""
+    return _one_node_model("fused_scan", FUSED_OP_TYPE, FUSED_INPUT_NAMES, FUSED_OUTPUT_NAMES[0], direction, chunk, dtype,
+                           mode, shape, opset)  # fmt: skip
+
+
+def _feeds(names: tuple[str, ...], values: tuple) -> dict[str, np.ndarray]:
+    to_numpy = lambda t: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return {name: np.ascontiguousarray(to_numpy(t)) for name, t in zip(names, values, strict=True)}
 
 
 def scan_feeds(x, lam, gl, gm, gr) -> dict[str, np.ndarray]:
     """Input feed of a :func:`scan_model` session from torch tensors or arrays."""
-    values = (x, lam, gl, gm, gr)
-    to_numpy = lambda t: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-    return {name: np.ascontiguousarray(to_numpy(t)) for name, t in zip(INPUT_NAMES, values)}
+    return _feeds(INPUT_NAMES, (x, lam, gl, gm, gr))
+
+
+def fused_scan_feeds(u, lam, al, am, ar, gate, skip) -> dict[str, np.ndarray]:
+    """Input feed of a :func:`fused_scan_model` session from torch tensors or arrays."""
+    return _feeds(FUSED_INPUT_NAMES, (u, lam, al, am, ar, gate, skip))

@@ -1,7 +1,8 @@
-"""The portable form of ``gspn::GSPNScan``: the same computation in standard ONNX operators.
+"""The portable form of ``gspn::GSPNScan`` and ``gspn::GSPNFusedScan``: the same computation in
+standard ONNX operators.
 
-``make_portable(model)`` replaces every ``GSPNScan`` node of a model by a subgraph that any ONNX
-runtime runs without the custom-operator library:
+``make_portable(model)`` replaces every ``GSPNScan`` and ``GSPNFusedScan`` node of a model by a
+subgraph that any ONNX runtime runs without the custom-operator library. The scan:
 
     x, lam -> u = x * lam, grouped to (B, G, C/G, H, W); weights to (B, G, 1, H, W)
     -> lines first: (L, B, G, C/G, P), reversed for b2t / r2l so that line s is the s-th scanned
@@ -11,9 +12,14 @@ runtime runs without the custom-operator library:
        (gl at p = 0 and gr at p = P-1 are zeroed first: they have no neighbour)
     -> back to (B, C, H, W)
 
+The fused scan (u, lam, al, am, ar, gate, skip) runs the same scan on (x, lam) = (u, lam) with weights normalized
+from the logits (sigmoid as 1 / (1 + Exp(-a)); s_l zeroed at p = 0 and s_r at p = P-1; Div by Max(s_l + s_m + s_r,
+1e-7)), then y = h * gate + u * skip.
+
 Scan is used only with axis 0 and forward direction (flips and transposes around it), which every
 runtime implements, including ``onnx.reference.ReferenceEvaluator``. All arithmetic is float32;
-float16 models cast in and out. Every size stays dynamic.
+float16 models cast in and out (the fused scan's weights, h and gate/skip stay float32: y is
+rounded once). Every size stays dynamic.
 
 ``unroll=True`` emits the lines as straight-line code instead of a ``Scan`` loop, for importers
 that have no control flow (TVM Relax's ONNX importer). The number of lines is then fixed by the
@@ -27,9 +33,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gspn_ref.directions import is_column, is_reversed, segment_starts
+from gspn_ref.normalize import NORMALIZATION_FLOOR
 from gspn_ref.validation import validate_chunk, validate_direction
 
-from .schema import DOMAIN, OP_TYPE, register_onnx_schema
+from .schema import DOMAIN, FUSED_INPUT_NAMES, FUSED_OP_TYPE, INPUT_NAMES, OP_TYPE, register_onnx_schema
 
 MIN_OPSET = 18  # the opset the expansion is written against (Shape with start/end, Pad-18)
 _INT64_MAX = np.iinfo(np.int64).max
@@ -116,9 +123,8 @@ def _flip_lines(e: _Emitter, t: str) -> str:
     return e.op("Slice", [t, e.const([-1]), e.const([_INT64_MIN]), e.const([0]), e.const([-1])])
 
 
-def _expand_node(
-    node: onnx.NodeProto, elem_type: int, prefix: str, static_lines: int | None
-) -> list[onnx.NodeProto]:
+def _scan_attributes(node: onnx.NodeProto) -> tuple[str, int]:
+    """The validated ``direction`` and ``chunk`` of a GSPNScan or GSPNFusedScan node."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     direction = attrs.get("direction")
     try:
@@ -126,30 +132,34 @@ def _expand_node(
         chunk = validate_chunk(attrs.get("chunk", 0))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{node.name}: attribute {error}") from error
-    if elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
-        raise ValueError(f"{node.name}: input 'x' must be float32 or float16; got {TensorProto.DataType.Name(elem_type)}")
-    if len(node.input) != 5 or len(node.output) != 1:
-        raise ValueError(f"{node.name}: expected 5 inputs and 1 output; got {len(node.input)} and {len(node.output)}")
-    column, reversed_ = is_column(direction), is_reversed(direction)
-    perm, inverse = (_COL_PERM, _COL_INVERSE) if column else (_ROW_PERM, _ROW_INVERSE)
+    return direction, chunk
 
-    e = _Emitter(prefix)
-    x, lam, gl, gm, gr = node.input
-    if elem_type == TensorProto.FLOAT16:
-        x, lam, gl, gm, gr = (e.op("Cast", [t], to=TensorProto.FLOAT) for t in (x, lam, gl, gm, gr))
 
-    # u and weights in the grouped, lines-first scan frame.
-    grouped_shape = e.op("Concat", [e.op("Shape", [x], start=0, end=1), e.op("Shape", [gl], start=1, end=2),
+def _to_line_frames(e: _Emitter, x: str, data: str, weights: list[str], direction: str) -> tuple[str, list[str]]:
+    """``data`` (B, C, H, W) -> (L, B, G, C/G, P) and each weight (B, G, H, W) -> (L, B, G, 1, P):
+    lines first, in scan order (flipped for b2t / r2l). ``x`` gives B, H and W."""
+    perm = _COL_PERM if is_column(direction) else _ROW_PERM
+    grouped_shape = e.op("Concat", [e.op("Shape", [x], start=0, end=1), e.op("Shape", [weights[0]], start=1, end=2),
                                     e.const([-1]), e.op("Shape", [x], start=2, end=4)], axis=0)  # fmt: skip
-    u = e.op("Reshape", [e.op("Mul", [x, lam]), grouped_shape])
-    frames = [e.op("Transpose", [u], perm=perm)]
-    for w in (gl, gm, gr):
-        frames.append(e.op("Transpose", [e.op("Unsqueeze", [w, e.const([2])])], perm=perm))
-    if reversed_:
+    frames = [e.op("Transpose", [e.op("Reshape", [data, grouped_shape])], perm=perm)]
+    frames += [e.op("Transpose", [e.op("Unsqueeze", [w, e.const([2])])], perm=perm) for w in weights]
+    if is_reversed(direction):
         frames = [_flip_lines(e, t) for t in frames]
-    u_lines, wl_lines, wm_lines, wr_lines = frames
-    wl_lines, wr_lines = _without_outer_weights(e, wl_lines, wr_lines)
+    return frames[0], frames[1:]
 
+
+def _from_line_frames(e: _Emitter, lines: str, direction: str, like: str, out: str | None = None) -> str:
+    """Inverse of :func:`_to_line_frames` for the data: (L, B, G, C/G, P) -> the shape of ``like``."""
+    if is_reversed(direction):
+        lines = _flip_lines(e, lines)
+    grouped = e.op("Transpose", [lines], perm=_COL_INVERSE if is_column(direction) else _ROW_INVERSE)
+    return e.op("Reshape", [grouped, e.op("Shape", [like])], out=out)
+
+
+def _scan_lines(e: _Emitter, u_lines: str, weights: list[str], chunk: int, static_lines: int | None) -> str:
+    """The recurrence over lines-first frames (u_lines and ``weights = [wl, wm, wr]`` as made by
+    :func:`_to_line_frames`, out-of-line weights already zero): a Scan loop, or ``static_lines``
+    unrolled lines."""
     if static_lines is None:
         n_lines = e.op("Squeeze", [e.op("Shape", [u_lines], start=0, end=1)])
         s = e.op("Range", [e.const(0), n_lines, e.const(1)])
@@ -158,29 +168,76 @@ def _expand_node(
         h0 = e.op("ConstantOfShape", [e.op("Shape", [u_lines], start=1)],
                   value=numpy_helper.from_array(np.zeros(1, np.float32)))  # fmt: skip
         _, lines = e.op(
-            "Scan", [h0, u_lines, wl_lines, wm_lines, wr_lines, reset],
+            "Scan", [h0, u_lines, *weights, reset],
             outputs=[e.name("h_last"), e.name("lines")], body=_scan_body(), num_scan_inputs=5,
         )  # fmt: skip
-    else:
-        line_of = lambda t, s: e.op("Gather", [t, e.const(s)], axis=0)  # (B, G, Cg or 1, P)
-        results: list[str] = []
-        for s in range(static_lines):
-            h_s = line_of(u_lines, s)
-            if not segment_starts(s, chunk):
-                weights = (line_of(w, s) for w in (wl_lines, wm_lines, wr_lines))
-                h_s = _propagate(e, results[-1], h_s, *weights)
-            results.append(h_s)
-        stacked = [e.op("Unsqueeze", [h, e.const([0])]) for h in results]
-        lines = e.op("Concat", stacked, axis=0) if static_lines > 1 else stacked[0]
+        return lines
+    line_of = lambda t, s: e.op("Gather", [t, e.const(s)], axis=0)  # (B, G, Cg or 1, P)
+    results: list[str] = []
+    for s in range(static_lines):
+        h_s = line_of(u_lines, s)
+        if not segment_starts(s, chunk):
+            h_s = _propagate(e, results[-1], h_s, *(line_of(w, s) for w in weights))
+        results.append(h_s)
+    stacked = [e.op("Unsqueeze", [h, e.const([0])]) for h in results]
+    return e.op("Concat", stacked, axis=0) if static_lines > 1 else stacked[0]
 
-    if reversed_:
-        lines = _flip_lines(e, lines)
-    grouped = e.op("Transpose", [lines], perm=inverse)
-    if elem_type == TensorProto.FLOAT16:
-        flat = e.op("Reshape", [grouped, e.op("Shape", [node.input[0]])])
-        e.op("Cast", [flat], out=node.output[0], to=TensorProto.FLOAT16)
-    else:
-        e.op("Reshape", [grouped, e.op("Shape", [node.input[0]])], out=node.output[0])
+
+def _emit_scan(e: _Emitter, inputs: list[str], direction: str, chunk: int, static_lines: int | None,
+               out: str | None) -> str:
+    """GSPNScan in float32: ``inputs = (x, lam, gl, gm, gr)``; returns h (B, C, H, W)."""
+    x, lam, *weights = inputs
+    u_lines, (wl, wm, wr) = _to_line_frames(e, x, e.op("Mul", [x, lam]), weights, direction)
+    wl, wr = _without_outer_weights(e, wl, wr)
+    return _from_line_frames(e, _scan_lines(e, u_lines, [wl, wm, wr], chunk, static_lines), direction, x, out)
+
+
+def _sigmoid(e: _Emitter, logits: str) -> str:
+    """``1 / (1 + exp(-a))`` to full float32 relative precision. Not ONNX Runtime's Sigmoid: its
+    approximation is off by 2e-4 (relative) at -8, by 100% at -17 and is 0 below -18, and the
+    normalization divides small sigmoids by their small sum, so their relative error is the weights'."""
+    denominator = e.op("Add", [e.op("Exp", [e.op("Neg", [logits])]), e.const(1.0, np.float32)])
+    return e.op("Reciprocal", [denominator])
+
+
+def _emit_fused_scan(e: _Emitter, inputs: list[str], direction: str, chunk: int, static_lines: int | None,
+                     out: str | None) -> str:
+    """GSPNFusedScan in float32: ``inputs = (u, lam, al, am, ar, gate, skip)``; returns y (B, C, H, W).
+
+    The weights are normalized in the lines-first frame, where the position along the line is the
+    last axis whatever the direction and length: sigmoid (:func:`_sigmoid`), s_l zero at p = 0 and s_r at p = P-1
+    (the scan's own masking), then divided by max(s_l + s_m + s_r, 1e-7)."""
+    u, lam, al, am, ar, gate, skip = inputs
+    sigmoids = [_sigmoid(e, a) for a in (al, am, ar)]
+    u_lines, (sl, sm, sr) = _to_line_frames(e, u, e.op("Mul", [u, lam]), sigmoids, direction)
+    sl, sr = _without_outer_weights(e, sl, sr)
+    total = e.op("Max", [e.op("Add", [e.op("Add", [sl, sm]), sr]), e.const(NORMALIZATION_FLOOR, np.float32)])
+    weights = [e.op("Div", [s, total]) for s in (sl, sm, sr)]
+    h = _from_line_frames(e, _scan_lines(e, u_lines, weights, chunk, static_lines), direction, u)
+    return e.op("Add", [e.op("Mul", [h, gate]), e.op("Mul", [u, skip])], out=out)
+
+
+#: op type -> (number of inputs, float32 emitter writing the output ``out`` (a new name if None)).
+_EXPANSIONS = {OP_TYPE: (len(INPUT_NAMES), _emit_scan), FUSED_OP_TYPE: (len(FUSED_INPUT_NAMES), _emit_fused_scan)}
+
+
+def _expand_node(
+    node: onnx.NodeProto, elem_type: int, prefix: str, static_lines: int | None
+) -> list[onnx.NodeProto]:
+    direction, chunk = _scan_attributes(node)
+    n_inputs, emit = _EXPANSIONS[node.op_type]
+    if elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        raise ValueError(f"{node.name}: input {node.input[0]!r} must be float32 or float16; got {TensorProto.DataType.Name(elem_type)}")
+    if len(node.input) != n_inputs or len(node.output) != 1:
+        raise ValueError(f"{node.name}: expected {n_inputs} inputs and 1 output; got {len(node.input)} and {len(node.output)}")
+    e = _Emitter(prefix)
+    inputs = list(node.input)
+    half = elem_type == TensorProto.FLOAT16
+    if half:  # float32 throughout, one rounding of the output
+        inputs = [e.op("Cast", [t], to=TensorProto.FLOAT) for t in inputs]
+    result = emit(e, inputs, direction, chunk, static_lines, None if half else node.output[0])
+    if half:
+        e.op("Cast", [result], out=node.output[0], to=TensorProto.FLOAT16)
     return e.nodes
 
 
@@ -203,7 +260,8 @@ def _static_line_count(value_type: onnx.TypeProto, direction: str, name: str) ->
 
 
 def make_portable(model: onnx.ModelProto, *, unroll: bool = False) -> onnx.ModelProto:
-    """A copy of ``model`` with every ``gspn::GSPNScan`` node replaced by standard operators.
+    """A copy of ``model`` with every ``gspn::GSPNScan`` and ``gspn::GSPNFusedScan`` node replaced
+    by standard operators.
 
     The result imports only the default ONNX domain (opset >= 18) for the scans and carries the
     inferred shapes. ``unroll=True`` avoids control flow (see the module docstring).
@@ -214,7 +272,7 @@ def make_portable(model: onnx.ModelProto, *, unroll: bool = False) -> onnx.Model
     graph = model.graph
     new_nodes: list[onnx.NodeProto] = []
     for index, node in enumerate(graph.node):
-        if node.domain != DOMAIN or node.op_type != OP_TYPE:
+        if node.domain != DOMAIN or node.op_type not in _EXPANSIONS:
             new_nodes.append(node)
             continue
         x_type = types.get(node.input[0])
