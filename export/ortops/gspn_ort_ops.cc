@@ -1,5 +1,6 @@
-// ONNX Runtime custom-operator library: the gspn::GSPNScan operator (SPEC.md section 7) for the
-// CPU execution provider, float32 and float16.
+// ONNX Runtime custom-operator library: the gspn::GSPNScan operator (SPEC.md section 7) and the
+// fused scan gspn::GSPNFusedScan (docs/operator.md, "The fused scan") for the CPU execution
+// provider, float32 and float16.
 //
 // Every input is validated here, once, before the kernel runs; a bad one is reported as an
 // ONNX Runtime error status naming the argument, what was expected and what was given.
@@ -24,16 +25,28 @@ namespace gspn {
 namespace {
 
 constexpr const char* kDomain = "gspn";
-constexpr const char* kOpName = "GSPNScan";
-constexpr size_t kInputCount = 5;
-constexpr const char* kInputNames[kInputCount] = {"x", "lam", "gl", "gm", "gr"};
+constexpr size_t kMaxInputs = 7;
 
-OrtStatusPtr MakeError(OrtErrorCode code, const std::string& message) {
-  return Ort::GetApi().CreateStatus(code, (std::string(kOpName) + ": " + message).c_str());
+// The operators of the library. Both take data inputs (B, C, H, W) and, at kFirstWeight and the
+// two inputs after it, weights or weight logits (B, G, H, W) with G dividing C.
+struct OperatorSpec {
+  const char* name;
+  size_t input_count;
+  const char* input_names[kMaxInputs];
+};
+constexpr size_t kFirstWeight = 2;
+constexpr OperatorSpec kScanOp = {"GSPNScan", 5, {"x", "lam", "gl", "gm", "gr"}};
+constexpr OperatorSpec kFusedScanOp = {
+    "GSPNFusedScan", 7, {"u", "lam", "al", "am", "ar", "gate", "skip"}};
+
+bool IsWeightInput(size_t index) { return index >= kFirstWeight && index < kFirstWeight + 3; }
+
+OrtStatusPtr MakeError(const OperatorSpec& op, OrtErrorCode code, const std::string& message) {
+  return Ort::GetApi().CreateStatus(code, (std::string(op.name) + ": " + message).c_str());
 }
 
-OrtStatusPtr InvalidArgument(const std::string& message) {
-  return MakeError(ORT_INVALID_ARGUMENT, message);
+OrtStatusPtr InvalidArgument(const OperatorSpec& op, const std::string& message) {
+  return MakeError(op, ORT_INVALID_ARGUMENT, message);
 }
 
 std::string FormatShape(const std::vector<int64_t>& shape) {
@@ -152,7 +165,8 @@ AttributeType ProbeAttribute(const OrtApi& api, const OrtKernelInfo* info, const
 // Reads and validates the node attributes `direction` (string, required, exactly one of t2b,
 // b2t, l2r, r2l) and `chunk` (int, default 0, >= 0). An attribute present with another type is an
 // error, never read as its default.
-OrtStatusPtr ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, ScanAttributes* out) {
+OrtStatusPtr ReadAttributes(const OperatorSpec& op, const OrtApi& api, const OrtKernelInfo* info,
+                            ScanAttributes* out) {
   constexpr const char* kDirectionExpected =
       "attribute 'direction' must be a string, one of 't2b', 'b2t', 'l2r', 'r2l'; ";
   size_t size = 0;
@@ -160,10 +174,10 @@ OrtStatusPtr ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, ScanAt
     api.ReleaseStatus(status);
     const AttributeType type = ProbeAttribute(api, info, "direction");
     if (type == AttributeType::kAbsent) {
-      return InvalidArgument(std::string(kDirectionExpected) +
-                             "it is required and the node has none");
+      return InvalidArgument(op, std::string(kDirectionExpected) +
+                                     "it is required and the node has none");
     }
-    return InvalidArgument(std::string(kDirectionExpected) + "got " + AttributeTypeName(type));
+    return InvalidArgument(op, std::string(kDirectionExpected) + "got " + AttributeTypeName(type));
   }
   std::string direction(size, '\0');
   if (OrtStatus* status =
@@ -172,7 +186,7 @@ OrtStatusPtr ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, ScanAt
   }
   direction.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
   if (!ParseDirection(direction.data(), direction.size(), &out->direction)) {
-    return InvalidArgument(std::string(kDirectionExpected) + "got " + Quote(direction));
+    return InvalidArgument(op, std::string(kDirectionExpected) + "got " + Quote(direction));
   }
 
   int64_t chunk = 0;
@@ -181,14 +195,14 @@ OrtStatusPtr ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, ScanAt
     const AttributeType type = ProbeAttribute(api, info, "chunk");
     if (type != AttributeType::kAbsent) {  // absent means the default 0
       return InvalidArgument(
-          std::string("attribute 'chunk' must be an int >= 0 (0: global propagation); got ") +
+          op, std::string("attribute 'chunk' must be an int >= 0 (0: global propagation); got ") +
           AttributeTypeName(type));
     }
     chunk = 0;
   }
   if (chunk < 0) {
     return InvalidArgument(
-        "attribute 'chunk' must be an int >= 0 (0: global propagation); got " +
+        op, "attribute 'chunk' must be an int >= 0 (0: global propagation); got " +
         std::to_string(chunk));
   }
   out->chunk = chunk;
@@ -199,7 +213,7 @@ OrtStatusPtr ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, ScanAt
 // bounded scratch and frees it before returning: nothing outlives the call.
 struct ScanJob {
   ScanGeometry geometry;
-  const void* inputs[kInputCount];
+  const void* inputs[kMaxInputs];
   void* output;
   int64_t planes = 0;
   int64_t tasks = 0;
@@ -211,7 +225,7 @@ struct ScanJob {
 // cost nothing next to the planes they scan.
 constexpr int64_t kMaxTasks = 64;
 
-template <typename T>
+template <typename T, bool kFused>
 void RunTask(void* user_data, size_t task) {
   ScanJob& job = *static_cast<ScanJob*>(user_data);
   const int64_t first = static_cast<int64_t>(task) * job.planes / job.tasks;
@@ -224,127 +238,153 @@ void RunTask(void* user_data, size_t task) {
       return;
     }
   }
+  const auto input = [&job](size_t index) { return static_cast<const T*>(job.inputs[index]); };
   for (int64_t plane = first; plane < last; ++plane) {
-    ScanPlane<T>(job.geometry, plane, static_cast<const T*>(job.inputs[0]),
-                 static_cast<const T*>(job.inputs[1]), static_cast<const T*>(job.inputs[2]),
-                 static_cast<const T*>(job.inputs[3]), static_cast<const T*>(job.inputs[4]),
-                 static_cast<T*>(job.output), scratch.get());
+    if constexpr (kFused) {
+      FusedScanPlane<T>(job.geometry, plane, input(0), input(1), input(2), input(3), input(4),
+                        input(5), input(6), static_cast<T*>(job.output), scratch.get());
+    } else {
+      ScanPlane<T>(job.geometry, plane, input(0), input(1), input(2), input(3), input(4),
+                   static_cast<T*>(job.output), scratch.get());
+    }
   }
 }
 
+// The kernel of one node of either operator: `op` says which (its name, its inputs), kFused picks
+// the plane function.
+template <bool kFused>
 class GSPNScanKernel {
  public:
+  static constexpr const OperatorSpec& op = kFused ? kFusedScanOp : kScanOp;
+
   explicit GSPNScanKernel(const ScanAttributes& attributes) : attributes_(attributes) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
     try {
       return Compute(Ort::KernelContext(raw_context));
     } catch (const Ort::Exception& error) {
-      return MakeError(error.GetOrtErrorCode(), error.what());
+      return MakeError(op, error.GetOrtErrorCode(), error.what());
     } catch (const std::exception& error) {
-      return MakeError(ORT_FAIL, error.what());
+      return MakeError(op, ORT_FAIL, error.what());
     }
   }
 
  private:
-  OrtStatusPtr Compute(Ort::KernelContext context) {
-    if (context.GetInputCount() != kInputCount) {
-      return InvalidArgument("expected 5 inputs (x, lam, gl, gm, gr); got " +
-                             std::to_string(context.GetInputCount()));
+  static std::string Quoted(size_t input) { return std::string("'") + op.input_names[input] + "'"; }
+
+  // Element types and shapes of every input against the operator's contract; nullptr when valid.
+  static OrtStatusPtr Validate(const std::vector<int64_t>* shapes,
+                               const ONNXTensorElementDataType* types) {
+    const size_t count = op.input_count;
+    if (types[0] != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
+        types[0] != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+      return InvalidArgument(op, "input " + Quoted(0) + " must be float32 or float16; got " +
+                                     ElementTypeName(types[0]));
     }
-    std::vector<int64_t> shapes[kInputCount];
-    ONNXTensorElementDataType types[kInputCount];
-    const void* data[kInputCount];
-    for (size_t i = 0; i < kInputCount; ++i) {
-      Ort::ConstValue value = context.GetInput(i);
-      if (!value) {
-        return InvalidArgument(std::string("input '") + kInputNames[i] + "' is missing");
+    for (size_t i = 1; i < count; ++i) {
+      if (types[i] != types[0]) {
+        return InvalidArgument(op, "input " + Quoted(i) + " must have the element type of " +
+                                       Quoted(0) + " (" + ElementTypeName(types[0]) + "); got " +
+                                       ElementTypeName(types[i]));
       }
+    }
+    for (size_t i = 0; i < count; ++i) {
+      const char* layout = IsWeightInput(i) ? "(B, G, H, W)" : "(B, C, H, W)";
+      if (shapes[i].size() != 4) {
+        return InvalidArgument(op, "input " + Quoted(i) + " must be 4-D " + layout + "; got rank " +
+                                       std::to_string(shapes[i].size()) + ", shape " +
+                                       FormatShape(shapes[i]));
+      }
+      for (int64_t dim : shapes[i]) {
+        if (dim <= 0) {
+          return InvalidArgument(op, "input " + Quoted(i) +
+                                         " must not be empty (every dimension >= 1); got shape " +
+                                         FormatShape(shapes[i]));
+        }
+      }
+    }
+    const std::vector<int64_t>& data_shape = shapes[0];
+    for (size_t i = 1; i < count; ++i) {
+      if (!IsWeightInput(i) && shapes[i] != data_shape) {
+        return InvalidArgument(op, "input " + Quoted(i) + " must have the shape of " + Quoted(0) +
+                                       " " + FormatShape(data_shape) + "; got " +
+                                       FormatShape(shapes[i]));
+      }
+    }
+    const std::vector<int64_t>& weight_shape = shapes[kFirstWeight];
+    if (weight_shape[0] != data_shape[0] || weight_shape[2] != data_shape[2] ||
+        weight_shape[3] != data_shape[3]) {
+      return InvalidArgument(op, "input " + Quoted(kFirstWeight) + " must have shape (B, G, H, W) = (" +
+                                     std::to_string(data_shape[0]) + ", G, " +
+                                     std::to_string(data_shape[2]) + ", " +
+                                     std::to_string(data_shape[3]) + ") to match " + Quoted(0) +
+                                     " " + FormatShape(data_shape) + "; got " +
+                                     FormatShape(weight_shape));
+    }
+    if (data_shape[1] % weight_shape[1] != 0) {
+      return InvalidArgument(op, "the weight groups G = " + std::to_string(weight_shape[1]) +
+                                     " of " + Quoted(kFirstWeight) + " " +
+                                     FormatShape(weight_shape) + " must divide the channels C = " +
+                                     std::to_string(data_shape[1]) + " of " + Quoted(0));
+    }
+    for (size_t i = kFirstWeight + 1; i < count; ++i) {
+      if (IsWeightInput(i) && shapes[i] != weight_shape) {
+        return InvalidArgument(op, "input " + Quoted(i) + " must have the shape of " +
+                                       Quoted(kFirstWeight) + " " + FormatShape(weight_shape) +
+                                       "; got " + FormatShape(shapes[i]));
+      }
+    }
+    return nullptr;
+  }
+
+  OrtStatusPtr Compute(Ort::KernelContext context) {
+    const size_t count = op.input_count;
+    if (context.GetInputCount() != count) {
+      std::string names;
+      for (size_t i = 0; i < count; ++i) names += (i ? ", " : "") + std::string(op.input_names[i]);
+      return InvalidArgument(op, "expected " + std::to_string(count) + " inputs (" + names +
+                                     "); got " + std::to_string(context.GetInputCount()));
+    }
+    std::vector<int64_t> shapes[kMaxInputs];
+    ONNXTensorElementDataType types[kMaxInputs];
+    const void* data[kMaxInputs];
+    for (size_t i = 0; i < count; ++i) {
+      Ort::ConstValue value = context.GetInput(i);
+      if (!value) return InvalidArgument(op, "input " + Quoted(i) + " is missing");
       if (!value.IsTensor()) {
-        return InvalidArgument(std::string("input '") + kInputNames[i] +
-                               "' must be a tensor; got a non-tensor value");
+        return InvalidArgument(op, "input " + Quoted(i) + " must be a tensor; got a non-tensor value");
       }
       Ort::TensorTypeAndShapeInfo info = value.GetTensorTypeAndShapeInfo();
       types[i] = info.GetElementType();
       shapes[i] = info.GetShape();
       data[i] = value.GetTensorRawData();
     }
+    if (OrtStatusPtr status = Validate(shapes, types)) return status;
 
-    if (types[0] != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
-        types[0] != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
-      return InvalidArgument(std::string("input 'x' must be float32 or float16; got ") +
-                             ElementTypeName(types[0]));
-    }
-    for (size_t i = 1; i < kInputCount; ++i) {
-      if (types[i] != types[0]) {
-        return InvalidArgument(std::string("input '") + kInputNames[i] +
-                               "' must have the element type of 'x' (" +
-                               ElementTypeName(types[0]) + "); got " + ElementTypeName(types[i]));
-      }
-    }
-    for (size_t i = 0; i < kInputCount; ++i) {
-      const char* layout = i < 2 ? "(B, C, H, W)" : "(B, G, H, W)";
-      if (shapes[i].size() != 4) {
-        return InvalidArgument(std::string("input '") + kInputNames[i] + "' must be 4-D " +
-                               layout + "; got rank " + std::to_string(shapes[i].size()) +
-                               ", shape " + FormatShape(shapes[i]));
-      }
-      for (int64_t dim : shapes[i]) {
-        if (dim <= 0) {
-          return InvalidArgument(std::string("input '") + kInputNames[i] +
-                                 "' must not be empty (every dimension >= 1); got shape " +
-                                 FormatShape(shapes[i]));
-        }
-      }
-    }
-    const std::vector<int64_t>& x_shape = shapes[0];
-    if (shapes[1] != x_shape) {
-      return InvalidArgument("input 'lam' must have the shape of 'x' " + FormatShape(x_shape) +
-                             "; got " + FormatShape(shapes[1]));
-    }
-    const std::vector<int64_t>& gl_shape = shapes[2];
-    if (gl_shape[0] != x_shape[0] || gl_shape[2] != x_shape[2] || gl_shape[3] != x_shape[3]) {
-      return InvalidArgument("input 'gl' must have shape (B, G, H, W) = (" +
-                             std::to_string(x_shape[0]) + ", G, " + std::to_string(x_shape[2]) +
-                             ", " + std::to_string(x_shape[3]) + ") to match 'x' " +
-                             FormatShape(x_shape) + "; got " + FormatShape(gl_shape));
-    }
-    if (x_shape[1] % gl_shape[1] != 0) {
-      return InvalidArgument("the weight groups G = " + std::to_string(gl_shape[1]) +
-                             " of 'gl' " + FormatShape(gl_shape) +
-                             " must divide the channels C = " + std::to_string(x_shape[1]) +
-                             " of 'x'");
-    }
-    for (size_t i = 3; i < kInputCount; ++i) {
-      if (shapes[i] != gl_shape) {
-        return InvalidArgument(std::string("input '") + kInputNames[i] +
-                               "' must have the shape of 'gl' " + FormatShape(gl_shape) +
-                               "; got " + FormatShape(shapes[i]));
-      }
-    }
-
+    const std::vector<int64_t>& data_shape = shapes[0];
     ScanJob job;
-    job.geometry.batch = x_shape[0];
-    job.geometry.channels = x_shape[1];
-    job.geometry.groups = gl_shape[1];
-    job.geometry.height = x_shape[2];
-    job.geometry.width = x_shape[3];
+    job.geometry.batch = data_shape[0];
+    job.geometry.channels = data_shape[1];
+    job.geometry.groups = shapes[kFirstWeight][1];
+    job.geometry.height = data_shape[2];
+    job.geometry.width = data_shape[3];
     job.geometry.direction = attributes_.direction;
     job.geometry.chunk = attributes_.chunk;
-    for (size_t i = 0; i < kInputCount; ++i) job.inputs[i] = data[i];
-    Ort::UnownedValue output = context.GetOutput(0, x_shape);
+    for (size_t i = 0; i < count; ++i) job.inputs[i] = data[i];
+    Ort::UnownedValue output = context.GetOutput(0, data_shape);
     job.output = output.GetTensorMutableRawData();
 
     const bool half = types[0] == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    job.planes = x_shape[0] * x_shape[1];
+    job.planes = data_shape[0] * data_shape[1];
     job.tasks = std::min(job.planes, kMaxTasks);
-    job.scratch_floats = ScratchFloats(job.geometry, half);
-    context.ParallelFor(half ? &RunTask<Half> : &RunTask<float>, static_cast<size_t>(job.tasks),
-                        0, &job);
+    job.scratch_floats =
+        kFused ? FusedScratchFloats(job.geometry, half) : ScratchFloats(job.geometry, half);
+    context.ParallelFor(half ? &RunTask<Half, kFused> : &RunTask<float, kFused>,
+                        static_cast<size_t>(job.tasks), 0, &job);
     if (job.out_of_memory.load()) {
-      return MakeError(ORT_FAIL, "out of memory allocating " +
-                                     std::to_string(job.scratch_floats * sizeof(float)) +
-                                     " bytes of scan scratch");
+      return MakeError(op, ORT_FAIL, "out of memory allocating " +
+                                         std::to_string(job.scratch_floats * sizeof(float)) +
+                                         " bytes of scan scratch");
     }
     return nullptr;
   }
@@ -352,28 +392,34 @@ class GSPNScanKernel {
   ScanAttributes attributes_;
 };
 
-template <typename T>
-struct GSPNScanOp : Ort::CustomOpBase<GSPNScanOp<T>, GSPNScanKernel, /*WithStatus=*/true> {
+template <typename T, bool kFused>
+struct GSPNScanOp
+    : Ort::CustomOpBase<GSPNScanOp<T, kFused>, GSPNScanKernel<kFused>, /*WithStatus=*/true> {
+  static constexpr const OperatorSpec& op = GSPNScanKernel<kFused>::op;
+
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     ScanAttributes attributes;
-    if (OrtStatusPtr status = ReadAttributes(api, info, &attributes)) return status;
-    *kernel = new (std::nothrow) GSPNScanKernel(attributes);
-    if (*kernel == nullptr) return MakeError(ORT_FAIL, "out of memory creating the kernel");
+    if (OrtStatusPtr status = ReadAttributes(op, api, info, &attributes)) return status;
+    *kernel = new (std::nothrow) GSPNScanKernel<kFused>(attributes);
+    if (*kernel == nullptr) return MakeError(op, ORT_FAIL, "out of memory creating the kernel");
     return nullptr;
   }
 
-  const char* GetName() const { return kOpName; }
-  size_t GetInputTypeCount() const { return kInputCount; }
+  const char* GetName() const { return op.name; }
+  size_t GetInputTypeCount() const { return op.input_count; }
   ONNXTensorElementDataType GetInputType(size_t) const { return kElementType<T>; }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return kElementType<T>; }
 };
 
 // The kernels this library provides, all in domain "gspn". ONNX Runtime picks the one whose
-// input type matches the node.
-GSPNScanOp<float> scan_float32;
-GSPNScanOp<Half> scan_float16;
-OrtCustomOp* const kKernelTable[] = {&scan_float32, &scan_float16};
+// op type and input type match the node.
+GSPNScanOp<float, false> scan_float32;
+GSPNScanOp<Half, false> scan_float16;
+GSPNScanOp<float, true> fused_scan_float32;
+GSPNScanOp<Half, true> fused_scan_float16;
+OrtCustomOp* const kKernelTable[] = {&scan_float32, &scan_float16, &fused_scan_float32,
+                                     &fused_scan_float16};
 
 Ort::CustomOpDomain* SharedDomain() {
   // One domain object for the process; ONNX Runtime keeps a pointer to it in every session.

@@ -41,6 +41,7 @@ constexpr int64_t kMinStripLines = 16;  // a whole 64-byte cache line of each fl
 constexpr int64_t kGuard = 8;           // zero floats around each line of h (see ColumnLayout)
 constexpr int64_t kCacheLine = 16;      // floats
 constexpr int64_t kMaxShortLine = 64;   // longest line scanned in registers (ScanShortLines)
+constexpr float kNormalizationFloor = 1e-7f;  // t = max(s_l + s_m + s_r, 1e-7): SPEC section 3
 // Strips are sized so that their six transposed blocks stay in a core's L1 data cache (32 KiB
 // and more on the AVX2 machines this targets) next to the rows being read.
 constexpr int64_t kStripCacheBytes = int64_t{32} << 10;
@@ -182,6 +183,88 @@ void FloatLineToHalf(const float* __restrict__ src, Half* __restrict__ dst, int6
   }
 #endif
   for (; i < n; ++i) dst[i] = FloatToHalf(src[i]);
+}
+
+// ---- the fused scan's weights and output -----------------------------------------------------
+
+// Elementwise loops over lines that may be updated in place (no __restrict__ possible): each
+// position is read before it is written and no other position is touched, so the compiler may
+// vectorize them as if the pointers did not alias.
+#if defined(__clang__)
+#define GSPN_ELEMENTWISE_LOOP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define GSPN_ELEMENTWISE_LOOP _Pragma("GCC ivdep")
+#else
+#define GSPN_ELEMENTWISE_LOOP
+#endif
+
+// exp(x) for x <= 0, to about 2 ulp (Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a degree-7
+// polynomial of r, 2^n from the exponent bits). Branch-free so that the line loops vectorize;
+// clamped at -87 (exp(-87) is about 1.6e-38, the smallest normal power kept); NaN stays NaN.
+inline float ExpNonPositive(float x) {
+  constexpr float kLowest = -87.0f, kLog2e = 1.44269504088896341f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  x = x < kLowest ? kLowest : x;
+  const float shifted = x * kLog2e + kRound;
+  const float n = shifted - kRound;
+  const uint32_t scale_bits =
+      (__builtin_bit_cast(uint32_t, shifted) - __builtin_bit_cast(uint32_t, kRound) + 127u) << 23;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return (p * r * r + r + 1.0f) * __builtin_bit_cast(float, scale_bits);
+}
+
+// sigmoid(a) = num / den with e = exp(-|a|) <= 1: (1, 1 + e) for a >= 0, (e, 1 + e) below (no
+// cancellation, and den in [1, 2]).
+inline void SigmoidFraction(float a, float* num, float* den) {
+  const float e = ExpNonPositive(a < 0.0f ? a : -a);
+  *num = a >= 0.0f ? 1.0f : e;
+  *den = 1.0f + e;
+}
+
+// The normalized weights at positions [begin, end) of one line: s_k = sigmoid(a_k) (times
+// left_mask for s_l, right_mask for s_r), t = max(s_l + s_m + s_r, 1e-7), g_k = s_k / t. Over a
+// common denominator (den_l den_m den_r in [1, 8]) so that a position costs one division.
+// In place allowed (gl == al, ...).
+void NormalizeRange(const float* al, const float* am, const float* ar, float* gl, float* gm,
+                    float* gr, int64_t begin, int64_t end, float left_mask, float right_mask) {
+  GSPN_ELEMENTWISE_LOOP
+  for (int64_t p = begin; p < end; ++p) {
+    float num_l, den_l, num_m, den_m, num_r, den_r;
+    SigmoidFraction(al[p], &num_l, &den_l);
+    SigmoidFraction(am[p], &num_m, &den_m);
+    SigmoidFraction(ar[p], &num_r, &den_r);
+    const float wl = num_l * left_mask * (den_m * den_r);
+    const float wm = num_m * (den_l * den_r);
+    const float wr = num_r * right_mask * (den_l * den_m);
+    const float sum = (wl + wm) + wr;
+    const float floor = kNormalizationFloor * (den_l * den_m * den_r);
+    const float inverse = 1.0f / (sum < floor ? floor : sum);  // NaN stays NaN
+    gl[p] = wl * inverse;
+    gm[p] = wm * inverse;
+    gr[p] = wr * inverse;
+  }
+}
+
+// Positions [0, length) of a line of `length`: s_l is masked at the first, s_r at the last.
+void NormalizeLine(const float* al, const float* am, const float* ar, float* gl, float* gm,
+                   float* gr, int64_t length) {
+  NormalizeRange(al, am, ar, gl, gm, gr, 0, 1, 0.0f, length > 1 ? 1.0f : 0.0f);
+  if (length == 1) return;
+  NormalizeRange(al, am, ar, gl, gm, gr, 1, length - 1, 1.0f, 1.0f);
+  NormalizeRange(al, am, ar, gl, gm, gr, length - 1, length, 1.0f, 0.0f);
+}
+
+// y[p] = h[p] gate[p] + u[p] skip[p].
+inline void GateSkipLine(const float* __restrict__ h, const float* __restrict__ u,
+                         const float* __restrict__ gate, const float* __restrict__ skip,
+                         float* __restrict__ y, int64_t n) {
+  for (int64_t p = 0; p < n; ++p) y[p] = h[p] * gate[p] + u[p] * skip[p];
 }
 
 // ---- one line of the recurrence --------------------------------------------------------------
@@ -357,17 +440,107 @@ void TransposeToLines(const float* __restrict__ src, int64_t src_stride, float* 
     }
   }
 }
+#endif
 
+// ---- the tensors of one plane ----------------------------------------------------------------
+
+// Inputs by role: the scanned data (x of the scan, u of the fused scan), lam, the three weight
+// sources (the weights gl, gm, gr of the scan, the logits al, am, ar of the fused scan), and the
+// fused scan's gate and skip.
+enum Slot : int { kData = 0, kLam, kLeft, kMiddle, kRight, kGate, kSkip };
+constexpr int kScanInputs = 5;
+constexpr int kFusedInputs = 7;
+
+template <typename T, int kInputs>
+struct Plane {
+  static constexpr bool kFused = kInputs == kFusedInputs;
+  const T* in[kInputs];
+  T* out;  // h of the scan, y of the fused scan
+};
+
+// Plane `index` of a (B, C, H, W) problem: data inputs (B, C, H, W), weight sources (B, G, H, W).
+template <typename T, int kInputs>
+Plane<T, kInputs> PlaneAt(const ScanGeometry& g, int64_t index, const T* const* inputs, T* out) {
+  const int64_t plane_size = g.height * g.width;
+  const int64_t b = index / g.channels;
+  const int64_t c = index % g.channels;
+  const int64_t group = c / (g.channels / g.groups);
+  const int64_t data_offset = index * plane_size;
+  const int64_t weight_offset = (b * g.groups + group) * plane_size;
+  Plane<T, kInputs> plane;
+  for (int k = 0; k < kInputs; ++k) {
+    const bool weight = k == kLeft || k == kMiddle || k == kRight;
+    plane.in[k] = inputs[k] + (weight ? weight_offset : data_offset);
+  }
+  plane.out = out + data_offset;
+  return plane;
+}
+
+// ---- writing the lines of a column strip back ------------------------------------------------
+
+// Where the lines of a strip go (see FromLines): position p of line l is element
+// p * stride + l of a plane region. The scan stores h there; the fused scan stores
+// y = h gate + u skip, reading u, gate and skip at the same element.
+template <typename T>
+struct StoreH {
+  T* h;
+  int64_t stride;
+  Ahead ahead;
+
+  void Prefetch(int64_t row) const { PrefetchRows<true>(ahead, row, kTile); }
+  void Put(int64_t p, int64_t l, float value) const { h[p * stride + l] = FromFloat<T>(value); }
+#if defined(__AVX2__)
+  void Put(int64_t p, int64_t l, __m256 v) const { _mm256_storeu_ps(h + p * stride + l, v); }
+  void Put(int64_t p, int64_t l, __m256i mask, __m256 v) const {
+    _mm256_maskstore_ps(h + p * stride + l, mask, v);
+  }
+#endif
+};
+
+template <typename T>
+struct StoreGatedH {
+  T* y;
+  const T* u;
+  const T* gate;
+  const T* skip;
+  int64_t stride;
+  Ahead y_ahead, gate_ahead, skip_ahead;  // u was read for this strip already
+
+  void Prefetch(int64_t row) const {
+    PrefetchRows<true>(y_ahead, row, kTile);
+    PrefetchRows<false>(gate_ahead, row, kTile);
+    PrefetchRows<false>(skip_ahead, row, kTile);
+  }
+  void Put(int64_t p, int64_t l, float value) const {
+    const int64_t i = p * stride + l;
+    y[i] = FromFloat<T>(value * ToFloat(gate[i]) + ToFloat(u[i]) * ToFloat(skip[i]));
+  }
+#if defined(__AVX2__)
+  void Put(int64_t p, int64_t l, __m256 v) const {
+    const int64_t i = p * stride + l;
+    const __m256 carried = _mm256_mul_ps(_mm256_loadu_ps(u + i), _mm256_loadu_ps(skip + i));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v, _mm256_loadu_ps(gate + i), carried));
+  }
+  void Put(int64_t p, int64_t l, __m256i mask, __m256 v) const {
+    const int64_t i = p * stride + l;
+    const __m256 carried =
+        _mm256_mul_ps(_mm256_maskload_ps(u + i, mask), _mm256_maskload_ps(skip + i, mask));
+    _mm256_maskstore_ps(y + i, mask, _mm256_fmadd_ps(v, _mm256_maskload_ps(gate + i, mask), carried));
+  }
+#endif
+};
+
+#if defined(__AVX2__)
 // The inverse of TransposeToLines: `lines` lines of `length` positions at `src` (line stride
 // src_stride >= RoundUp(length, 8); reads whole tiles of each line) into the (length x lines)
-// region of a plane at `dst`: dst[p * dst_stride + l] = src[l * src_stride + p]. Writes exactly
-// the region, walking it row by row.
-void TransposeFromLines(const float* __restrict__ src, int64_t src_stride, float* __restrict__ dst,
-                        int64_t dst_stride, int64_t lines, int64_t length, const Ahead& ahead) {
+// region of `sink`: position p of line l to its element (p, l). Writes exactly the region,
+// walking it row by row.
+template <typename Sink>
+void TransposeFromLines(const float* __restrict__ src, int64_t src_stride, int64_t lines,
+                        int64_t length, const Sink& sink) {
   for (int64_t p0 = 0; p0 < length; p0 += kTile) {
     const int64_t np = std::min(kTile, length - p0);
-    PrefetchRows<true>(ahead, p0, kTile);
-    float* dst_rows = dst + p0 * dst_stride;
+    sink.Prefetch(p0);
     for (int64_t l0 = 0; l0 < lines; l0 += kTile) {
       const int64_t nl = std::min(kTile, lines - l0);
       const float* in = src + l0 * src_stride + p0;
@@ -381,12 +554,10 @@ void TransposeFromLines(const float* __restrict__ src, int64_t src_stride, float
       }
       Transpose8x8(v);
       if (np == kTile && nl == kTile) {
-        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst_rows + k * dst_stride + l0, v[k]);
+        for (int k = 0; k < 8; ++k) sink.Put(p0 + k, l0, v[k]);
       } else {
         const __m256i mask = FirstLanes(nl);
-        for (int64_t k = 0; k < np; ++k) {
-          _mm256_maskstore_ps(dst_rows + k * dst_stride + l0, mask, v[k]);
-        }
+        for (int64_t k = 0; k < np; ++k) sink.Put(p0 + k, l0, mask, v[k]);
       }
     }
   }
@@ -406,76 +577,107 @@ void ToLines(const Src* __restrict__ src, int64_t src_stride, float* __restrict_
   TransposeScalar(src, src_stride, dst, dst_stride, rows, cols);
 }
 
-// Lines -> plane region (see TransposeFromLines), converting from float32.
-template <typename Dst>
-void FromLines(const float* __restrict__ src, int64_t src_stride, Dst* __restrict__ dst,
-               int64_t dst_stride, int64_t lines, int64_t length,
-               [[maybe_unused]] const Ahead& ahead) {
+// Lines -> the plane region of `sink` (see TransposeFromLines), converting from float32.
+template <typename T, template <typename> class Sink>
+void FromLines(const float* __restrict__ src, int64_t src_stride, int64_t lines, int64_t length,
+               const Sink<T>& sink) {
 #if defined(__AVX2__)
-  if constexpr (std::is_same_v<Dst, float>) {
-    TransposeFromLines(src, src_stride, dst, dst_stride, lines, length, ahead);
+  if constexpr (std::is_same_v<T, float>) {
+    TransposeFromLines(src, src_stride, lines, length, sink);
     return;
   }
 #endif
-  TransposeScalar(src, src_stride, dst, dst_stride, lines, length);
+  for (int64_t l = 0; l < lines; ++l) {
+    for (int64_t p = 0; p < length; ++p) sink.Put(p, l, src[l * src_stride + p]);
+  }
 }
 
-template <typename T>
-struct Plane {
-  const T* x;
-  const T* lam;
-  const T* gl;
-  const T* gm;
-  const T* gr;
-  T* h;
-};
+// ---- row scans -------------------------------------------------------------------------------
 
 // Row scans of a float32 plane: every line is a contiguous row, the previous line is read back
 // from the output.
-void RowScanFloat(const ScanGeometry& g, const Plane<float>& plane) {
+void RowScanFloat(const ScanGeometry& g, const Plane<float, kScanInputs>& plane) {
   const int64_t H = g.height, W = g.width;
   const bool reversed = g.direction == Direction::kBottomToTop;
   for (int64_t s = 0; s < H; ++s) {
     const int64_t i = reversed ? H - 1 - s : s;
     const int64_t offset = i * W;
-    float* out = plane.h + offset;
+    float* out = plane.out + offset;
     if (StartsSegment(s, g.chunk)) {
-      StartLine(plane.x + offset, plane.lam + offset, out, W);
+      StartLine(plane.in[kData] + offset, plane.in[kLam] + offset, out, W);
     } else {
-      const float* prev = plane.h + (reversed ? offset + W : offset - W);
-      PropagateLine(plane.x + offset, plane.lam + offset, plane.gl + offset, plane.gm + offset,
-                    plane.gr + offset, prev, out, W);
+      const float* prev = plane.out + (reversed ? offset + W : offset - W);
+      PropagateLine(plane.in[kData] + offset, plane.in[kLam] + offset, plane.in[kLeft] + offset,
+                    plane.in[kMiddle] + offset, plane.in[kRight] + offset, prev, out, W);
     }
   }
 }
 
-// Row scans of a float16 plane: each row is widened to float32 line buffers first.
-void RowScanHalf(const ScanGeometry& g, const Plane<Half>& plane, float* scratch) {
+// A plane row as float32: the row itself, or its widening into `buffer`.
+inline const float* Widened(const float* row, float*, int64_t) { return row; }
+inline const float* Widened(const Half* row, float* buffer, int64_t n) {
+  HalfLineToFloat(row, buffer, n);
+  return buffer;
+}
+
+// Where a float32 line bound for a plane row is computed: the row itself, or `buffer` that
+// Narrow then rounds into the row.
+inline float* Staged(float* row, float*) { return row; }
+inline float* Staged(Half*, float* buffer) { return buffer; }
+inline void Narrow(const float*, float*, int64_t) {}
+inline void Narrow(const float* buffer, Half* row, int64_t n) { FloatLineToHalf(buffer, row, n); }
+
+// Float32 line buffers of a row scan through buffers: x, lam, the three weight sources, the
+// previous and the current line of h, and for the fused scan the three normalized weights.
+constexpr int64_t kScanRowBuffers = 7;
+constexpr int64_t kFusedRowBuffers = 10;
+
+// Row scans through float32 line buffers: float16 scans (rows widened on the way in, h rounded
+// on the way out) and fused scans (weights normalized from the logits, h kept in float32,
+// y = h gate + u skip written, rounded once).
+template <typename T, int kInputs>
+void RowScanLines(const ScanGeometry& g, const Plane<T, kInputs>& plane, float* scratch) {
+  constexpr bool kFused = Plane<T, kInputs>::kFused;
+  static_assert(kFused || std::is_same_v<T, Half>,
+                "float32 scans read h back from the output (RowScanFloat)");
   const int64_t H = g.height, W = g.width;
   float* x = scratch;
   float* lam = x + W;
-  float* gl = lam + W;
-  float* gm = gl + W;
-  float* gr = gm + W;
-  float* prev = gr + W;
+  float* sources[3] = {lam + W, lam + 2 * W, lam + 3 * W};
+  float* prev = lam + 4 * W;
   float* out = prev + W;
+  float* weights[3] = {out + W, out + 2 * W, out + 3 * W};  // fused only
   const bool reversed = g.direction == Direction::kBottomToTop;
   for (int64_t s = 0; s < H; ++s) {
     const int64_t offset = (reversed ? H - 1 - s : s) * W;
-    HalfLineToFloat(plane.x + offset, x, W);
-    HalfLineToFloat(plane.lam + offset, lam, W);
+    const float* x_line = Widened(plane.in[kData] + offset, x, W);
+    const float* lam_line = Widened(plane.in[kLam] + offset, lam, W);
     if (StartsSegment(s, g.chunk)) {
-      StartLine(x, lam, out, W);
+      StartLine(x_line, lam_line, out, W);
     } else {
-      HalfLineToFloat(plane.gl + offset, gl, W);
-      HalfLineToFloat(plane.gm + offset, gm, W);
-      HalfLineToFloat(plane.gr + offset, gr, W);
-      PropagateLine(x, lam, gl, gm, gr, prev, out, W);
+      const float* l = Widened(plane.in[kLeft] + offset, sources[0], W);
+      const float* m = Widened(plane.in[kMiddle] + offset, sources[1], W);
+      const float* r = Widened(plane.in[kRight] + offset, sources[2], W);
+      if constexpr (kFused) {
+        NormalizeLine(l, m, r, weights[0], weights[1], weights[2], W);
+        l = weights[0], m = weights[1], r = weights[2];
+      }
+      PropagateLine(x_line, lam_line, l, m, r, prev, out, W);
     }
-    FloatLineToHalf(out, plane.h + offset, W);
+    if constexpr (kFused) {
+      T* y_row = plane.out + offset;
+      float* y = Staged(y_row, sources[0]);
+      GateSkipLine(out, x_line, Widened(plane.in[kGate] + offset, sources[1], W),
+                   Widened(plane.in[kSkip] + offset, sources[2], W), y, W);
+      Narrow(y, y_row, W);
+    } else {
+      Narrow(out, plane.out + offset, W);
+    }
     std::swap(prev, out);
   }
 }
+
+// ---- column scans ----------------------------------------------------------------------------
 
 #if defined(__AVX2__)
 // The lines of one strip of a column scan, for lines of at most 8 kVectors positions: the
@@ -540,12 +742,14 @@ void ScanShortLines(const float* xs, const float* lams, const float* gls, const 
   for (int k = 0; k < kVectors; ++k) _mm256_storeu_ps(carry + k * kTile, prev[k]);
 }
 #endif
-
 // Column scans: strips of columns are transposed into float32 scratch (see ColumnLayout) so that
-// each column (a line of length H) is contiguous, scanned, and transposed back.
-template <typename T>
-void ColumnScan(const ScanGeometry& g, const Plane<T>& plane, const Plane<T>* next_plane,
-                float* scratch) {
+// each column (a line of length H) is contiguous, scanned, and transposed back. The fused scan
+// normalizes the transposed logits in place into weights, and writes y = h gate + u skip on the
+// way back.
+template <typename T, int kInputs>
+void ColumnScan(const ScanGeometry& g, const Plane<T, kInputs>& plane,
+                const Plane<T, kInputs>* next_plane, float* scratch) {
+  using PlaneT = Plane<T, kInputs>;
   const int64_t H = g.height, W = g.width;
   const ColumnLayout layout = MakeColumnLayout(g);
   const int64_t strip = layout.strip, stride = layout.line_stride, padded = layout.padded;
@@ -556,6 +760,7 @@ void ColumnScan(const ScanGeometry& g, const Plane<T>& plane, const Plane<T>* ne
   float* grs = gms + layout.block;
   float* hs = grs + layout.block;
   float* carry = hs - kGuard + layout.block + kGuard;  // the last line of the previous strip
+  float* const blocks[5] = {xs, lams, gls, gms, grs};  // of slots kData to kRight
   // Zero the gaps between the lines of h, and the guards of the carried line.
   for (int64_t t = 0; t <= strip; ++t) {
     float* gap = hs + (t - 1) * stride + padded;
@@ -569,28 +774,44 @@ void ColumnScan(const ScanGeometry& g, const Plane<T>& plane, const Plane<T>* ne
     *j0 = reversed ? std::max<int64_t>(W - (k + 1) * strip, 0) : k * strip;
     *n = reversed ? (W - k * strip) - *j0 : std::min(strip, W - *j0);
   };
-  // Rows of strip k of one tensor, and of the strip after it (of this plane, else the first of
-  // the next plane).
-  const auto ahead = [&](int64_t k, const T* Plane<T>::*tensor_of, T* Plane<T>::*output) {
-    const auto region = [&](const Plane<T>* target, int64_t strip_index) {
+  // Rows of strip k of input `slot` (kOutput: the output), and of the strip after it (of this
+  // plane, else the first of the next plane).
+  constexpr int kOutput = -1;
+  const auto ahead = [&](int64_t k, int slot) {
+    const auto region = [&](const PlaneT* target, int64_t strip_index) {
       if (target == nullptr) return Region{};
       int64_t j0, n;
       columns(strip_index, &j0, &n);
-      const T* base = tensor_of ? target->*tensor_of : target->*output;
+      const T* base = slot == kOutput ? target->out : target->in[slot];
       return Region{reinterpret_cast<const char*>(base + j0), W * static_cast<int64_t>(sizeof(T)),
                     n * static_cast<int64_t>(sizeof(T)), H};
     };
     return Ahead{region(&plane, k), k + 1 < strip_count ? region(&plane, k + 1)
                                                         : region(next_plane, 0)};
   };
+  const auto store = [&](int64_t k, int64_t j0, int64_t n) {
+    if constexpr (PlaneT::kFused) {
+      const StoreGatedH<T> sink{plane.out + j0,    plane.in[kData] + j0, plane.in[kGate] + j0,
+                                plane.in[kSkip] + j0, W,                 ahead(k, kOutput),
+                                ahead(k, kGate),   ahead(k, kSkip)};
+      FromLines(hs, stride, n, H, sink);
+    } else {
+      FromLines(hs, stride, n, H, StoreH<T>{plane.out + j0, W, ahead(k, kOutput)});
+    }
+  };
   for (int64_t k = 0; k < strip_count; ++k) {
     int64_t j0, n;
     columns(k, &j0, &n);
-    ToLines(plane.x + j0, W, xs, stride, H, n, ahead(k, &Plane<T>::x, nullptr));
-    ToLines(plane.lam + j0, W, lams, stride, H, n, ahead(k, &Plane<T>::lam, nullptr));
-    ToLines(plane.gl + j0, W, gls, stride, H, n, ahead(k, &Plane<T>::gl, nullptr));
-    ToLines(plane.gm + j0, W, gms, stride, H, n, ahead(k, &Plane<T>::gm, nullptr));
-    ToLines(plane.gr + j0, W, grs, stride, H, n, ahead(k, &Plane<T>::gr, nullptr));
+    for (int slot = kData; slot <= kRight; ++slot) {
+      ToLines(plane.in[slot] + j0, W, blocks[slot], stride, H, n, ahead(k, slot));
+    }
+    if constexpr (PlaneT::kFused) {
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t offset = t * stride;
+        NormalizeLine(gls + offset, gms + offset, grs + offset, gls + offset, gms + offset,
+                      grs + offset, H);
+      }
+    }
 #if defined(__AVX2__)
     if (padded <= kMaxShortLine) {
       const auto scan = [&](auto vectors) {
@@ -607,7 +828,7 @@ void ColumnScan(const ScanGeometry& g, const Plane<T>& plane, const Plane<T>* ne
         case 7: scan(std::integral_constant<int, 7>()); break;
         default: scan(std::integral_constant<int, 8>()); break;
       }
-      FromLines(hs, stride, plane.h + j0, W, n, H, ahead(k, nullptr, &Plane<T>::h));
+      store(k, j0, n);
       continue;
     }
 #endif
@@ -627,51 +848,67 @@ void ColumnScan(const ScanGeometry& g, const Plane<T>& plane, const Plane<T>* ne
       prev = hs + offset;
     }
     if (k + 1 < strip_count) std::memcpy(carry, prev, static_cast<size_t>(padded) * sizeof(float));
-    FromLines(hs, stride, plane.h + j0, W, n, H, ahead(k, nullptr, &Plane<T>::h));
+    store(k, j0, n);
   }
 }
 
-// The tensors of plane `index` of a (B, C, H, W) problem.
-template <typename T>
-Plane<T> PlaneAt(const ScanGeometry& g, int64_t index, const T* x, const T* lam, const T* gl,
-                 const T* gm, const T* gr, T* h) {
-  const int64_t plane_size = g.height * g.width;
-  const int64_t b = index / g.channels;
-  const int64_t c = index % g.channels;
-  const int64_t group = c / (g.channels / g.groups);
-  const int64_t data_offset = index * plane_size;
-  const int64_t weight_offset = (b * g.groups + group) * plane_size;
-  return {x + data_offset,   lam + data_offset, gl + weight_offset,
-          gm + weight_offset, gr + weight_offset, h + data_offset};
+// One plane of a scan or fused scan (kInputs of them, in Slot order).
+template <typename T, int kInputs>
+void ScanPlaneOf(const ScanGeometry& g, int64_t plane_index, const T* const* inputs, T* out,
+                 float* scratch) {
+  using PlaneT = Plane<T, kInputs>;
+  const PlaneT plane = PlaneAt<T, kInputs>(g, plane_index, inputs, out);
+  if (!IsRowScan(g.direction)) {
+    // The next plane is the next one this worker scans unless plane_index ends its share.
+    const bool has_next = plane_index + 1 < g.batch * g.channels;
+    const PlaneT next = has_next ? PlaneAt<T, kInputs>(g, plane_index + 1, inputs, out) : plane;
+    ColumnScan(g, plane, has_next ? &next : nullptr, scratch);
+  } else if constexpr (std::is_same_v<T, float> && !PlaneT::kFused) {
+    RowScanFloat(g, plane);
+  } else {
+    RowScanLines(g, plane, scratch);
+  }
 }
 
 }  // namespace
 
 size_t ScratchFloats(const ScanGeometry& g, bool half_precision) {
-  if (IsRowScan(g.direction)) return half_precision ? static_cast<size_t>(7 * g.width) : 0;
+  if (IsRowScan(g.direction)) {
+    return half_precision ? static_cast<size_t>(kScanRowBuffers * g.width) : 0;
+  }
   const ColumnLayout layout = MakeColumnLayout(g);
   return static_cast<size_t>(6 * layout.block + layout.carry);
+}
+
+size_t FusedScratchFloats(const ScanGeometry& g, bool half_precision) {
+  if (IsRowScan(g.direction)) return static_cast<size_t>(kFusedRowBuffers * g.width);
+  return ScratchFloats(g, half_precision);
 }
 
 template <typename T>
 void ScanPlane(const ScanGeometry& g, int64_t plane_index, const T* x, const T* lam, const T* gl,
                const T* gm, const T* gr, T* h, float* scratch) {
-  const Plane<T> plane = PlaneAt(g, plane_index, x, lam, gl, gm, gr, h);
-  if (!IsRowScan(g.direction)) {
-    // The next plane is the next one this worker scans unless plane_index ends its share.
-    const bool has_next = plane_index + 1 < g.batch * g.channels;
-    const Plane<T> next = has_next ? PlaneAt(g, plane_index + 1, x, lam, gl, gm, gr, h) : plane;
-    ColumnScan(g, plane, has_next ? &next : nullptr, scratch);
-  } else if constexpr (std::is_same_v<T, float>) {
-    RowScanFloat(g, plane);
-  } else {
-    RowScanHalf(g, plane, scratch);
-  }
+  const T* const inputs[kScanInputs] = {x, lam, gl, gm, gr};
+  ScanPlaneOf<T, kScanInputs>(g, plane_index, inputs, h, scratch);
+}
+
+template <typename T>
+void FusedScanPlane(const ScanGeometry& g, int64_t plane_index, const T* u, const T* lam,
+                    const T* al, const T* am, const T* ar, const T* gate, const T* skip, T* y,
+                    float* scratch) {
+  const T* const inputs[kFusedInputs] = {u, lam, al, am, ar, gate, skip};
+  ScanPlaneOf<T, kFusedInputs>(g, plane_index, inputs, y, scratch);
 }
 
 template void ScanPlane<float>(const ScanGeometry&, int64_t, const float*, const float*,
                                const float*, const float*, const float*, float*, float*);
 template void ScanPlane<Half>(const ScanGeometry&, int64_t, const Half*, const Half*, const Half*,
                               const Half*, const Half*, Half*, float*);
+template void FusedScanPlane<float>(const ScanGeometry&, int64_t, const float*, const float*,
+                                    const float*, const float*, const float*, const float*,
+                                    const float*, float*, float*);
+template void FusedScanPlane<Half>(const ScanGeometry&, int64_t, const Half*, const Half*,
+                                   const Half*, const Half*, const Half*, const Half*, const Half*,
+                                   Half*, float*);
 
 }  // namespace gspn

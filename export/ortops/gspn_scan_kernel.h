@@ -1,4 +1,5 @@
-// CPU kernel of the GSPN scan (SPEC.md section 2), independent of ONNX Runtime.
+// CPU kernels of the GSPN scan (SPEC.md section 2) and of the fused scan (docs/operator.md, "The
+// fused scan"), independent of ONNX Runtime.
 //
 // The caller validates shapes; this code assumes a consistent ScanGeometry (every size >= 1,
 // G divides C).
@@ -46,5 +47,20 @@ size_t ScratchFloats(const ScanGeometry& geometry, bool half_precision);
 template <typename T>
 void ScanPlane(const ScanGeometry& geometry, int64_t plane, const T* x, const T* lam,
                const T* gl, const T* gm, const T* gr, T* h, float* scratch);
+
+// The fused scan of one (b, c) plane, `plane` in [0, B*C):
+//   y = ScanPlane(u, lam, normalize(al, am, ar)) * gate + u * skip
+// with normalize: s_k = sigmoid(a_k), s_l = 0 at the first position of a line and s_r = 0 at the
+// last, g_k = s_k / max(s_l + s_m + s_r, 1e-7). u, lam, gate, skip, y: (B, C, H, W); al, am, ar:
+// (B, G, H, W) raw logits. Weights and h are float32 and never rounded to T; y is rounded once.
+// `scratch` holds at least FusedScratchFloats(geometry, T is Half) floats: that of ScanPlane for
+// column scans (the logits are normalized in place in its transposed blocks), 10 W for row scans
+// (line buffers for h and the weights).
+size_t FusedScratchFloats(const ScanGeometry& geometry, bool half_precision);
+
+template <typename T>
+void FusedScanPlane(const ScanGeometry& geometry, int64_t plane, const T* u, const T* lam,
+                    const T* al, const T* am, const T* ar, const T* gate, const T* skip, T* y,
+                    float* scratch);
 
 }  // namespace gspn

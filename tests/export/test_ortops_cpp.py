@@ -1,7 +1,8 @@
-"""C++ unit tests of the ONNX Runtime operator's scan kernel, independent of ONNX Runtime.
+"""C++ unit tests of the ONNX Runtime operators' kernels, independent of ONNX Runtime.
 
-Compiles ``export/ortops/tests/test_kernel.cc`` with the kernel source and runs it: the kernel
-against a naive recurrence, scratch bounds, and planes at element offsets beyond 2**31. Built
+Compiles ``export/ortops/tests/test_kernel.cc`` with the kernel source and runs it: the scan and
+the fused scan (weights normalized from logits, gate and skip) against naive double-precision loops,
+scratch bounds, and planes at element offsets beyond 2**31. Built
 three times: with the instruction-set flags the library is built with (AVX2/F16C paths where the
 CPU has them), the same with sanitizers (out-of-bounds accesses of the vector paths: masked edge
 tiles, padded lines, prefetch distances), and for the x86-64 baseline with sanitizers (scalar

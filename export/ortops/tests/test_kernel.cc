@@ -1,4 +1,7 @@
-// Unit tests of the CPU scan kernel (gspn_scan_kernel.cc) without ONNX Runtime: the kernel
+// Unit tests of the CPU scan and fused-scan kernels (gspn_scan_kernel.cc) without ONNX Runtime. The
+// fused scan is checked against a double-precision loop written here (sigmoid, masks, floor,
+// naive scan, gate and skip) on odd shapes, every column-scan path, extreme logits and a plane
+// beyond 2**31. The scan kernel is checked
 // against a naive recurrence written here from SPEC.md section 2, on small and odd shapes, column
 // scans through each of their paths (lines of up to 64 positions scanned in registers, longer
 // ones through memory; whole-plane and multi-strip layouts; line strides padded against cache-set
@@ -6,7 +9,7 @@
 // by the scratch bound, and planes whose element offset is beyond 2**31 (in sparse,
 // never-touched virtual memory).
 //
-// Built and run by tests/test_ortops_cpp.py:
+// Built and run by tests/export/test_ortops_cpp.py:
 //   g++ -std=c++17 -O2 -I export/ortops export/ortops/tests/test_kernel.cc
 //       export/ortops/gspn_scan_kernel.cc -o test_kernel && ./test_kernel
 #include <sys/mman.h>
@@ -101,7 +104,8 @@ Problem MakeProblem(int64_t B, int64_t C, int64_t G, int64_t H, int64_t W, Direc
 }
 
 // SPEC section 2, one (b, c) plane at a time, in double, straight from the definition.
-std::vector<double> Naive(const ScanGeometry& g, const std::vector<float>* v) {
+template <typename V>
+std::vector<double> Naive(const ScanGeometry& g, const std::vector<V>* v) {
   const int64_t H = g.height, W = g.width, C = g.channels, G = g.groups;
   const bool rows = g.direction == Direction::kTopToBottom || g.direction == Direction::kBottomToTop;
   const bool reversed = g.direction == Direction::kBottomToTop || g.direction == Direction::kRightToLeft;
@@ -345,6 +349,224 @@ void TestOffsetsBeyond2To31() {
   for (T* memory : {data[0], data[1], h}) munmap(memory, total * sizeof(T));
 }
 
+// ---- the fused scan --------------------------------------------------------------------------
+
+// Inputs u, lam, al, am, ar, gate, skip of one fused problem: data in [-2, 2), logits of either
+// sign with magnitudes from 1/32 to 16 (saturating the sigmoid), as binary16 bits and floats.
+struct FusedProblem {
+  ScanGeometry g;
+  std::vector<uint16_t> bits[7];
+  std::vector<float> values[7];
+};
+
+bool IsLogit(int k) { return k >= 2 && k <= 4; }
+
+FusedProblem MakeFusedProblem(int64_t B, int64_t C, int64_t G, int64_t H, int64_t W, Direction d,
+                              int64_t chunk, unsigned seed) {
+  FusedProblem p;
+  p.g.batch = B, p.g.channels = C, p.g.groups = G, p.g.height = H, p.g.width = W;
+  p.g.direction = d, p.g.chunk = chunk;
+  std::mt19937 rng(seed);
+  for (int k = 0; k < 7; ++k) {
+    const int64_t count = (IsLogit(k) ? G : C) * B * H * W;
+    p.bits[k].resize(count);
+    p.values[k].resize(count);
+    for (int64_t i = 0; i < count; ++i) {
+      p.bits[k][i] = IsLogit(k) ? RandomHalf(rng, 10, 18, true) : RandomHalf(rng, 13, 15, true);
+      p.values[k][i] = Decode(p.bits[k][i]);
+    }
+  }
+  return p;
+}
+
+void SetValue(FusedProblem* p, int k, int64_t i, uint16_t bits) {
+  p->bits[k][i] = bits;
+  p->values[k][i] = Decode(bits);
+}
+
+// docs/operator.md "The fused scan", in double: weights normalized from the logits, the naive
+// scan, then y = h gate + u skip.
+std::vector<double> NaiveFused(const FusedProblem& p) {
+  const ScanGeometry& g = p.g;
+  const int64_t H = g.height, W = g.width;
+  const bool rows = g.direction == Direction::kTopToBottom || g.direction == Direction::kBottomToTop;
+  const int64_t length = rows ? W : H;
+  std::vector<double> v[5];
+  for (int k : {0, 1}) v[k].assign(p.values[k].begin(), p.values[k].end());
+  const size_t weights = p.values[2].size();
+  for (int k = 2; k < 5; ++k) v[k].resize(weights);
+  const auto sigmoid = [](double a) { return 1.0 / (1.0 + std::exp(-a)); };
+  for (size_t i = 0; i < weights; ++i) {
+    const int64_t position = rows ? static_cast<int64_t>(i) % W : static_cast<int64_t>(i) / W % H;
+    const double s_l = position > 0 ? sigmoid(p.values[2][i]) : 0.0;
+    const double s_m = sigmoid(p.values[3][i]);
+    const double s_r = position < length - 1 ? sigmoid(p.values[4][i]) : 0.0;
+    const double total = std::max(s_l + s_m + s_r, 1e-7);
+    v[2][i] = s_l / total, v[3][i] = s_m / total, v[4][i] = s_r / total;
+  }
+  std::vector<double> y = Naive(g, v);
+  for (size_t i = 0; i < y.size(); ++i) {
+    y[i] = y[i] * p.values[5][i] + double(p.values[0][i]) * p.values[6][i];
+  }
+  return y;
+}
+
+template <typename T>
+std::vector<float> RunFused(const FusedProblem& p) {
+  std::vector<T> storage[7];
+  for (int k = 0; k < 7; ++k) {
+    storage[k].resize(p.bits[k].size());
+    for (size_t i = 0; i < storage[k].size(); ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        storage[k][i] = p.values[k][i];
+      } else {
+        storage[k][i] = Half{p.bits[k][i]};
+      }
+    }
+  }
+  std::vector<T> y(p.values[0].size());
+  std::vector<float> scratch(gspn::FusedScratchFloats(p.g, std::is_same_v<T, Half>) + 1, NAN);
+  for (int64_t plane = 0; plane < p.g.batch * p.g.channels; ++plane) {
+    gspn::FusedScanPlane<T>(p.g, plane, storage[0].data(), storage[1].data(), storage[2].data(),
+                            storage[3].data(), storage[4].data(), storage[5].data(),
+                            storage[6].data(), y.data(), scratch.data());
+  }
+  std::vector<float> out(y.size());
+  for (size_t i = 0; i < y.size(); ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = y[i];
+    } else {
+      out[i] = Decode(y[i].bits);
+    }
+  }
+  return out;
+}
+
+void CheckFused(const FusedProblem& p) {
+  const std::vector<double> expected = NaiveFused(p);
+  Compare(RunFused<float>(p), expected, 1e-5, "fused " + Describe(p.g, "float32"));
+  Compare(RunFused<Half>(p), expected, 2e-3, "fused " + Describe(p.g, "float16"));
+}
+
+// Small and odd shapes, one-wide maps, groups, chunks, every direction.
+void TestFusedShapes() {
+  const int64_t shapes[][5] = {{1, 1, 1, 1, 1},  {1, 1, 1, 1, 7},  {1, 1, 1, 7, 1},
+                               {2, 4, 2, 5, 6},  {1, 6, 3, 9, 17}, {2, 3, 1, 17, 9},
+                               {1, 2, 2, 33, 40}, {1, 1, 1, 3, 100}, {1, 1, 1, 100, 3}};
+  unsigned seed = 20000;
+  for (const auto& s : shapes) {
+    for (Direction d : kDirections) {
+      for (int64_t chunk : {int64_t{0}, int64_t{1}, int64_t{3}}) {
+        CheckFused(MakeFusedProblem(s[0], s[1], s[2], s[3], s[4], d, chunk, seed++));
+      }
+    }
+  }
+}
+
+// Column scans through each path (lines in registers up to 64 positions, through memory beyond;
+// one or several strips), the normalization done in the transposed blocks.
+void TestFusedColumnPaths() {
+  unsigned seed = 21000;
+  for (int64_t H : {1, 7, 8, 9, 33, 64, 65, 129}) {
+    for (int64_t W : {1, 13, 47}) {
+      for (Direction d : {Direction::kLeftToRight, Direction::kRightToLeft}) {
+        CheckFused(MakeFusedProblem(1, 2, 1, H, W, d, (H + W) % 2 ? 0 : 5, seed++));
+      }
+    }
+  }
+}
+
+// Saturated and extreme logits: +-30, +-100 and +-inf, and positions where all three logits are
+// so negative that the sum of the sigmoids falls under the 1e-7 floor.
+void TestFusedExtremeLogits() {
+  const uint16_t kExtremes[] = {0x4F80, 0xCF80, 0x5640, 0xD640, 0x7C00, 0xFC00};  // 30 100 inf
+  unsigned seed = 22000;
+  for (Direction d : kDirections) {
+    FusedProblem p = MakeFusedProblem(1, 2, 1, 9, 20, d, 0, seed++);
+    std::mt19937 rng(seed);
+    for (int k = 2; k < 5; ++k) {
+      for (size_t i = 0; i < p.bits[k].size(); ++i) {
+        if (rng() % 3 == 0) SetValue(&p, k, i, kExtremes[rng() % 6]);
+      }
+    }
+    for (size_t i = 0; i < p.bits[2].size(); i += 7) {
+      for (int k = 2; k < 5; ++k) SetValue(&p, k, i, 0xCF80);  // all three -30
+    }
+    CheckFused(p);
+  }
+}
+
+// One plane at element offset 2**31 of (1, 2**15 + 1, 256, 256) tensors (reserved, not
+// allocated; see TestOffsetsBeyond2To31), in every direction.
+template <typename T>
+void TestFusedOffsetsBeyond2To31() {
+  const int64_t C = (int64_t{1} << 15) + 1, H = 256, W = 256, plane = H * W, last = C - 1;
+  const size_t total = static_cast<size_t>(C * plane);
+  FusedProblem small = MakeFusedProblem(1, 1, 1, H, W, Direction::kTopToBottom, 0, 23000);
+  T* data[4] = {Reserve<T>(total), Reserve<T>(total), Reserve<T>(total), Reserve<T>(total)};
+  T* y = Reserve<T>(total);
+  const int kDataSlots[4] = {0, 1, 5, 6};
+  std::vector<T> logits[3];
+  for (int k = 0; k < 7; ++k) {
+    for (int64_t i = 0; i < plane; ++i) {
+      T value;
+      if constexpr (std::is_same_v<T, float>) {
+        value = small.values[k][i];
+      } else {
+        value = Half{small.bits[k][i]};
+      }
+      if (IsLogit(k)) {
+        logits[k - 2].push_back(value);
+      } else {
+        data[std::find(kDataSlots, kDataSlots + 4, k) - kDataSlots][last * plane + i] = value;
+      }
+    }
+  }
+  for (Direction d : kDirections) {
+    small.g.direction = d;
+    ScanGeometry g = small.g;
+    g.channels = C;
+    std::vector<float> scratch(gspn::FusedScratchFloats(g, std::is_same_v<T, Half>) + 1);
+    gspn::FusedScanPlane<T>(g, last, data[0], data[1], logits[0].data(), logits[1].data(),
+                            logits[2].data(), data[2], data[3], y, scratch.data());
+    std::vector<float> actual(static_cast<size_t>(plane));
+    bool plane0_untouched = true;
+    for (int64_t i = 0; i < plane; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        actual[i] = y[last * plane + i];
+      } else {
+        actual[i] = Decode(y[last * plane + i].bits);
+      }
+      T zero{};
+      plane0_untouched &= std::memcmp(&y[i], &zero, sizeof(T)) == 0;
+    }
+    const std::string what = std::string("fused plane at offset 2**31, ") +
+                             Describe(g, std::is_same_v<T, float> ? "float32" : "float16");
+    Compare(actual, NaiveFused(small), std::is_same_v<T, float> ? 1e-5 : 2e-3, what);
+    CHECK(plane0_untouched, "%s: plane 0 was written", what.c_str());
+  }
+  for (T* memory : {data[0], data[1], data[2], data[3], y}) munmap(memory, total * sizeof(T));
+}
+
+// The fused scan's scratch: that of the scan for column scans, 10 W floats for row scans.
+void TestFusedScratch() {
+  for (int64_t H : {int64_t{1}, int64_t{56}, int64_t{50000}}) {
+    for (int64_t W : {int64_t{1}, int64_t{17}, int64_t{1} << 20}) {
+      for (Direction d : kDirections) {
+        for (bool half : {false, true}) {
+          ScanGeometry g;
+          g.batch = g.channels = g.groups = 1, g.height = H, g.width = W, g.direction = d;
+          const bool rows = d == Direction::kTopToBottom || d == Direction::kBottomToTop;
+          const size_t expected = rows ? static_cast<size_t>(10 * W) : gspn::ScratchFloats(g, half);
+          CHECK(gspn::FusedScratchFloats(g, half) == expected, "%s: fused scratch %zu, expected %zu",
+                Describe(g, half ? "float16" : "float32").c_str(), gspn::FusedScratchFloats(g, half),
+                expected);
+        }
+      }
+    }
+  }
+}
+
 void TestParseDirection() {
   Direction d = Direction::kTopToBottom;
   CHECK(gspn::ParseDirection("r2l", 3, &d) && d == Direction::kRightToLeft, "r2l");
@@ -366,6 +588,12 @@ int main() {
   TestTallColumnsAndScratchBound();
   TestOffsetsBeyond2To31<float>();
   TestOffsetsBeyond2To31<Half>();
+  TestFusedShapes();
+  TestFusedColumnPaths();
+  TestFusedExtremeLogits();
+  TestFusedScratch();
+  TestFusedOffsetsBeyond2To31<float>();
+  TestFusedOffsetsBeyond2To31<Half>();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;
