@@ -105,16 +105,22 @@ def to_onnx(
         raise ValueError(f"opset: expected >= 18; got {opset}")
     register_onnx_schema()
     args = example_args if isinstance(example_args, tuple) else (example_args,)
-    program = torch.onnx.export(
-        model,
-        args,
-        dynamo=True,
-        custom_translation_table=_TRANSLATIONS,
-        dynamic_shapes=export_dynamic_shapes(dynamic, args),
-        opset_version=opset,
-        optimize=True,
-        verbose=False,
-    )
+    try:
+        program = torch.onnx.export(
+            model,
+            args,
+            dynamo=True,
+            custom_translation_table=_TRANSLATIONS,
+            dynamic_shapes=export_dynamic_shapes(dynamic, args),
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    except torch.onnx.OnnxExporterError as error:
+        # Invalid arguments of an operator (gspn_ref.validation) surface as what they are.
+        if type(error.__cause__) in (ValueError, TypeError):
+            raise type(error.__cause__)(str(error.__cause__)) from error
+        raise
     proto = program.model_proto
     _rename_symbolic_dims(proto)
     if mode != "custom":

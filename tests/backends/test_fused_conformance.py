@@ -18,7 +18,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 import export
 from gspn_ref import gspn_fused_scan_ref, line_count
@@ -39,7 +38,6 @@ class Backend:
     dtypes: tuple
     max_examples: int | None = None  # None: the Hypothesis profile's
     device: str = "cpu"
-    marks: tuple = ()
 
 
 def _operator(u, lam, al, am, ar, gate, skip, direction, chunk):
@@ -95,9 +93,7 @@ HALF = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = [
     Backend("reference", gspn_fused_scan_ref, True, HALF),
     Backend("operator", _operator, True, HALF),
-    Backend("ort-custom", _numpy_to_torch(_ort_custom), False, (torch.float32, torch.float16),
-            marks=(pytest.mark.xfail(strict=True, raises=Fail,
-                                     reason="the ORT kernel GSPNFusedScan (export/ortops) is not in the library yet"),)),
+    Backend("ort-custom", _numpy_to_torch(_ort_custom), False, (torch.float32, torch.float16)),
     Backend("ort-portable", _numpy_to_torch(_ort_portable), False, (torch.float32, torch.float16)),
     Backend("ort-portable-unrolled", _numpy_to_torch(_ort_portable_unrolled, static_shape=True), False,
             (torch.float32, torch.float16), max_examples=8),  # fmt: skip
@@ -112,7 +108,7 @@ def _available(backend: Backend) -> Backend:
     return backend
 
 
-@pytest.fixture(params=[pytest.param(b, id=b.name, marks=b.marks) for b in BACKENDS])
+@pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
 def backend(request) -> Backend:
     return _available(request.param)
 
