@@ -1,9 +1,12 @@
 """Compile the scan kernels for a target and keep them in an on-disk cache.
 
 One compiled library per ``(target, dtype)`` holds the forward and adjoint scans of all four
-directions (8 functions; every shape is symbolic). Libraries live under
+directions (8 functions; every shape is symbolic); a second one, the ``"fused"`` library, holds the
+fused forward scans (``gspn::fused_scan``, 4 functions), so that a process using only the scan never
+compiles them. Libraries live under
 
     $GSPN_CACHE_DIR (default ~/.cache/gspn/tvm) / <tvm version> / <target hash> / <kernel hash> / <dtype>.so
+    (the fused library: ``fused-<dtype>.so`` beside it)
 
 The target hash covers the resolved CPU target (:mod:`gspn_tvm.isa`: a level such as
 ``x86-64-v3`` chosen from the features the OS reports), so a cache shared between machines never
@@ -49,6 +52,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULES = {"cpu": cpu_schedule, "cuda": cuda_schedule}
 CUDA_ARCH = os.environ.get("GSPN_CUDA_ARCH", "sm_90")
 CHECKSUM_SUFFIX = ".sha256"
+#: The libraries of a ``(device, dtype)``: the scan (forward and adjoint) and the fused forward.
+LIBRARIES = ("scan", "fused")
 
 #: Seconds spent in the last compile and the last cached load, per ``(device, dtype)``.
 timings: dict[tuple[str, str], dict[str, float]] = {}
@@ -87,9 +92,16 @@ def target_key(target: dict) -> str:
     return hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_path(device: str, dtype: str) -> Path:
-    """Where the library for ``device``/``dtype`` and this machine's resolved target is cached."""
-    return cache_root() / tvm.__version__ / target_key(target_for(device)) / kernel_hash(device) / f"{dtype}.so"
+def _check_library(library: str) -> None:
+    if library not in LIBRARIES:
+        raise ValueError(f"library: expected one of {LIBRARIES}; got {library!r}")
+
+
+def cache_path(device: str, dtype: str, library: str = "scan") -> Path:
+    """Where the ``library`` for ``device``/``dtype`` and this machine's resolved target is cached."""
+    _check_library(library)
+    name = f"{dtype}.so" if library == "scan" else f"{library}-{dtype}.so"
+    return cache_root() / tvm.__version__ / target_key(target_for(device)) / kernel_hash(device) / name
 
 
 def checksum_path(path: Path) -> Path:
@@ -97,29 +109,36 @@ def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + CHECKSUM_SUFFIX)
 
 
-def entry_record(device: str, dtype: str) -> dict:
+def entry_record(device: str, dtype: str, library: str = "scan") -> dict:
     """What an entry for ``device``/``dtype`` must have been built for (its checksum file, less sha256)."""
     return {"device": device, "dtype": dtype, "target": target_for(device), "kernel": kernel_hash(device),
-            "tvm": tvm.__version__}  # fmt: skip
+            "tvm": tvm.__version__, "library": library}  # fmt: skip
 
 
-def function_names() -> list[str]:
-    """The 8 functions of a scan library: forward and adjoint for every direction."""
-    return [name(direction) for direction in DIRECTIONS for name in (compute.forward_name, compute.backward_name)]
+def _library_functions(library: str) -> dict[str, str]:
+    """Symbol -> name of the schedule function (in each target's schedule module) of ``library``."""
+    _check_library(library)
+    if library == "fused":
+        return {compute.fused_forward_name(d): ("schedule_fused_forward", d) for d in DIRECTIONS}
+    return {name(d): (schedule, d) for d in DIRECTIONS
+            for name, schedule in ((compute.forward_name, "schedule_forward"), (compute.backward_name, "schedule_backward"))}  # fmt: skip
 
 
-def scan_module(device: str, dtype: str) -> tvm.IRModule:
-    """The scheduled IRModule: forward and adjoint for every direction, for ``device`` and ``dtype``."""
+def function_names(library: str = "scan") -> list[str]:
+    """The functions of a library: the scan's 8 (forward and adjoint for every direction), the
+    fused library's 4 (the fused forward for every direction)."""
+    return list(_library_functions(library))
+
+
+def scan_module(device: str, dtype: str, library: str = "scan") -> tvm.IRModule:
+    """The scheduled IRModule of ``library`` (every direction) for ``device`` and ``dtype``."""
     schedule = SCHEDULES[device]
-    functions = {}
-    for direction in DIRECTIONS:
-        functions[compute.forward_name(direction)] = schedule.schedule_forward(direction, dtype)
-        functions[compute.backward_name(direction)] = schedule.schedule_backward(direction, dtype)
+    functions = {symbol: getattr(schedule, rule)(direction, dtype) for symbol, (rule, direction) in _library_functions(library).items()}
     return tvm.IRModule(functions)
 
 
-def compile_scan(device: str, dtype: str):
-    """Compile the scan library for ``device`` ("cpu" or "cuda") and ``dtype``; returns the executable."""
+def compile_scan(device: str, dtype: str, library: str = "scan"):
+    """Compile ``library`` for ``device`` ("cpu" or "cuda") and ``dtype``; returns the executable."""
     config = {}
     if device == "cuda":
         # TVM 0.27's common-subexpression pass leaves a use before its definition in the adjoint
@@ -128,7 +147,7 @@ def compile_scan(device: str, dtype: str):
         os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
         importlib.import_module("tvm.support.nvcc")  # registers the CUDA compile callback
     with tvm.transform.PassContext(opt_level=3, config=config):
-        return tvm.compile(scan_module(device, dtype), target=tvm.target.Target(target_for(device)))
+        return tvm.compile(scan_module(device, dtype, library), target=tvm.target.Target(target_for(device)))
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -199,6 +218,8 @@ def verify_entry(path: Path, record: dict) -> str | None:
 
 def _load_entry(path: Path, record: dict):
     """``(library, None)`` for a verified entry; ``(None, reason)`` otherwise (``reason`` None: no entry)."""
+    kind = record.get("library", "scan")
+    names = function_names(kind)
     if not path.exists() and not path.is_symlink():
         return None, None
     problem = verify_entry(path, record)
@@ -208,9 +229,9 @@ def _load_entry(path: Path, record: dict):
         library = tvm.runtime.load_module(str(path))
     except RuntimeError as error:
         return None, f"not loadable ({error})"
-    missing = [name for name in function_names() if not library.implements_function(name, True)]
+    missing = [name for name in names if not library.implements_function(name, True)]
     if missing:
-        return None, f"a library without the scan functions ({', '.join(missing[:2])}...)"
+        return None, f"a library without the {'scan' if kind == 'scan' else kind + ' scan'} functions ({', '.join(missing[:2])}...)"
     return library, None
 
 
@@ -228,13 +249,15 @@ def _entry_lock(path: Path):
         yield
 
 
-def load_scan_library(device: str, dtype: str):
-    """The compiled scan library for ``device`` and ``dtype``: from the cache, else compiled and cached."""
+def load_scan_library(device: str, dtype: str, library: str = "scan"):
+    """The compiled ``library`` (``"scan"`` or ``"fused"``) for ``device`` and ``dtype``: from the
+    cache, else compiled and cached."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}; got {dtype!r}")
-    path = cache_path(device, dtype)
-    record = entry_record(device, dtype)
-    key = (device, dtype)
+    kind = library  # the name ``library`` is the loaded module below
+    path = cache_path(device, dtype, kind)
+    record = entry_record(device, dtype, kind)
+    key = (device, dtype) if kind == "scan" else (device, dtype, kind)
     start = time.perf_counter()
     library, problem = _load_entry(path, record)
     if library is None:
@@ -244,7 +267,7 @@ def load_scan_library(device: str, dtype: str):
                 if problem is not None:
                     logger.warning("gspn_tvm: cache entry %s is unusable (%s); rebuilding it", path, problem)
                 start = time.perf_counter()
-                executable = compile_scan(device, dtype)
+                executable = compile_scan(*key)
                 timings.setdefault(key, {})["compile_s"] = time.perf_counter() - start
                 start = time.perf_counter()
                 try:

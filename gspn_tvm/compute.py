@@ -39,6 +39,11 @@ def forward_name(direction: str) -> str:
     return f"gspn_scan_forward_{direction}"
 
 
+def fused_forward_name(direction: str) -> str:
+    """Symbol of the compiled fused forward scan for ``direction``."""
+    return f"gspn_fused_scan_forward_{direction}"
+
+
 def backward_name(direction: str) -> str:
     """Symbol of the compiled adjoint scan for ``direction``."""
     return f"gspn_scan_backward_{direction}"
@@ -69,48 +74,86 @@ def _term(in_range, weight, neighbour):
     return T.Select(in_range, weight * neighbour, T.float32(0))
 
 
-def scan_forward(direction: str, dtype: str):
-    """Forward scan ``h = scan(x, lam, gl, gm, gr)`` along ``direction``, storage ``dtype``.
+# --- Forward scans: the plain scan and the fused scan share one body --------------------------------
+#
+# The fused scan (docs/operator.md, "The fused scan") reads the raw weight logits and normalizes them
+# where the plain scan reads its weights (:func:`_weights`), and writes ``h * gate + u * skip`` where
+# the plain scan writes ``h`` (:func:`_output`). Every forward body is a macro over the buffers and
+# ``fused`` (a Python bool: the parser keeps one branch); :func:`_forward_func` wraps it in the
+# PrimFunc signature of either operator.
 
-    Arguments: ``x, lam, h``: ``(B, C, H, W)``; ``gl, gm, gr``: ``(B, G, H, W)``; ``chunk``: int64 >= 0.
-    Blocks: ``plane`` per ``(b, c)``; inside it ``line`` per scan step ``s`` (sequential) holding
-    ``step`` (new line into ``current``), ``carry`` (into ``state``) and ``emit`` (into ``h``) per
-    position ``p``. Every block writes one on-chip buffer at most, which keeps GPU barrier placement
-    simple.
-    """
-    assert direction in DIRECTIONS, direction
+#: TOPI's ``fast_exp`` (Cephes ``expf``: range reduction by ``ln 2``, a degree-7 polynomial, the
+#: exponent written into the bits), in TensorIR: the exact ``exp`` of a vector lowers to one libm
+#: call per lane, this one stays in vector registers. Within 2 ulp of ``expf`` over float32's range.
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_EXP_BOUND = 88.3762626647949
+NORMALIZATION_FLOOR = 1e-7  # gspn_ref.normalize.NORMALIZATION_FLOOR, as a float32 constant
 
-    @T.prim_func(s_tir=True)
-    def forward(
-        x_handle: T.handle,
-        lam_handle: T.handle,
-        gl_handle: T.handle,
-        gm_handle: T.handle,
-        gr_handle: T.handle,
-        h_handle: T.handle,
-        chunk: T.int64,
-    ):
-        T.func_attr({"tir.noalias": True})
-        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
-        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
-        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
-        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
-        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
-        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
+
+def _fast_exp(x):
+    """``exp(x)`` of a float32 expression, branch-free (``x`` clamped to +-88.38: never inf)."""
+    f32 = ACCUMULATION_DTYPE
+    x = T.max(T.min(x, T.float32(_EXP_BOUND)), T.float32(-_EXP_BOUND))
+    n = T.floor(x * T.float32(1.44269504088896341) + T.float32(0.5))
+    f = x - n * T.float32(0.6931471805599453)
+    poly = T.float32(_EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        poly = poly * f + T.float32(c)
+    mantissa = poly * f * f + f + T.float32(1)
+    scale = T.reinterpret(f32, T.shift_left(T.Cast("int32", n + T.float32(127)), T.int32(23)))
+    return scale * mantissa
+
+
+def _sigmoid(a):
+    return T.float32(1) / (T.float32(1) + _fast_exp(-a))
+
+
+def _weights(fused: bool, raw_l, raw_m, raw_r, pos, length):
+    """``(gl, gm, gr)`` at position ``pos`` of a line of ``length`` from the three float32 values read
+    there: the weights themselves (plain scan), or the logits (fused scan): ``s_k = sigmoid(a_k)``,
+    ``s_l = 0`` at ``pos = 0`` and ``s_r = 0`` at ``pos = length - 1`` (selected, so the position loop
+    stays branch-free), ``t = max(s_l + s_m + s_r, 1e-7)``, ``g_k = s_k / t`` (SPEC, weight
+    normalization). Fused weights are finite, zero where they point outside the line."""
+    if not fused:
+        return raw_l, raw_m, raw_r
+    s_l = T.Select(pos > 0, _sigmoid(raw_l), T.float32(0))
+    s_m = _sigmoid(raw_m)
+    s_r = T.Select(pos + 1 < length, _sigmoid(raw_r), T.float32(0))
+    inverse = T.float32(1) / T.max(s_l + s_m + s_r, T.float32(NORMALIZATION_FLOOR))
+    return s_l * inverse, s_m * inverse, s_r * inverse
+
+
+def _output(fused: bool, h, u, gate, skip):
+    """What a forward scan writes at a position (float32): ``h``, or ``h * gate + u * skip`` (fused)."""
+    return h * gate + u * skip if fused else h
+
+
+def _row_planes(direction: str, dtype: str, fused: bool):
+    """Macro of the forward body for every direction, lines read in place (row scans on CPU, every
+    scan on CUDA): ``plane`` per ``(b, c)``; inside it ``line`` per scan step ``s`` (sequential)
+    holding ``step`` (new line into ``current``), ``ends`` (positions 0 and ``P - 1`` again, terms
+    that point outside the line selected to zero), ``carry`` (into ``state``) and ``emit`` (into the
+    output) per position ``p``. Every block writes one on-chip buffer at most, which keeps GPU barrier
+    placement simple."""
+    f32 = ACCUMULATION_DTYPE
+
+    @T.macro
+    def planes(x, lam, wl, wm, wr, gate, skip, out, B, C, G, H, W, chk):
         n_lines, length = T.meta_var(_line_geometry(direction, H, W))
-        chk = T.meta_var(T.Cast("int64", chunk))  # int64 even where a caller binds chunk to a constant
-        assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
-        assert chk >= 0, "chunk: expected an int >= 0"
         for b, c in T.grid(B, C):
             with T.sblock("plane"):
                 vb, vc = T.axis.remap("SS", [b, c])
-                T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], gl[vb, 0:G, 0:H, 0:W], gm[vb, 0:G, 0:H, 0:W], gr[vb, 0:G, 0:H, 0:W])
-                T.writes(h[vb, vc, 0:H, 0:W])
+                if fused:
+                    T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], wl[vb, 0:G, 0:H, 0:W], wm[vb, 0:G, 0:H, 0:W],
+                            wr[vb, 0:G, 0:H, 0:W], gate[vb, vc, 0:H, 0:W], skip[vb, vc, 0:H, 0:W])  # fmt: skip
+                else:
+                    T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], wl[vb, 0:G, 0:H, 0:W], wm[vb, 0:G, 0:H, 0:W],
+                            wr[vb, 0:G, 0:H, 0:W])  # fmt: skip
+                T.writes(out[vb, vc, 0:H, 0:W])
                 vg = T.meta_var(vc // (C // G))
                 # state[1 + p]: the previous line in float32; the halo state[0], state[P + 1] stays zero.
-                state = T.sblock_alloc_buffer((length + 2,), ACCUMULATION_DTYPE)
-                current = T.sblock_alloc_buffer((length,), ACCUMULATION_DTYPE)
+                state = T.sblock_alloc_buffer((length + 2,), f32)
+                current = T.sblock_alloc_buffer((length,), f32)
                 for q in range(length + 2):
                     with T.sblock("clear"):
                         vq = T.axis.spatial(length + 2, q)
@@ -127,27 +170,23 @@ def scan_forward(direction: str, dtype: str):
                             with T.sblock("step"):
                                 vp = T.axis.spatial(length, p)
                                 i, j = T.meta_var(_element(direction, line, vp))
-                                propagated = T.meta_var(
-                                    T.Cast(ACCUMULATION_DTYPE, gl[vb, vg, i, j]) * state[vp]
-                                    + T.Cast(ACCUMULATION_DTYPE, gm[vb, vg, i, j]) * state[vp + 1]
-                                    + T.Cast(ACCUMULATION_DTYPE, gr[vb, vg, i, j]) * state[vp + 2]
-                                )
-                                current[vp] = T.Cast(ACCUMULATION_DTYPE, lam[vb, vc, i, j]) * T.Cast(
-                                    ACCUMULATION_DTYPE, x[vb, vc, i, j]
-                                ) + T.Select(restart, T.float32(0), propagated)
+                                gl, gm, gr = T.meta_var(_weights(fused, T.Cast(f32, wl[vb, vg, i, j]), T.Cast(f32, wm[vb, vg, i, j]),
+                                                                 T.Cast(f32, wr[vb, vg, i, j]), vp, length))  # fmt: skip
+                                propagated = T.meta_var(gl * state[vp] + gm * state[vp + 1] + gr * state[vp + 2])
+                                current[vp] = T.Cast(f32, lam[vb, vc, i, j]) * T.Cast(f32, x[vb, vc, i, j]) + T.Select(
+                                    restart, T.float32(0), propagated)
                         for e in range(2):
                             with T.sblock("ends"):
                                 ve = T.axis.spatial(2, e)
                                 vp = T.meta_var(ve * (length - 1))  # p = 0 and p = P - 1
                                 i, j = T.meta_var(_element(direction, line, vp))
+                                gl, gm, gr = T.meta_var(_weights(fused, T.Cast(f32, wl[vb, vg, i, j]), T.Cast(f32, wm[vb, vg, i, j]),
+                                                                 T.Cast(f32, wr[vb, vg, i, j]), vp, length))  # fmt: skip
                                 propagated = T.meta_var(
-                                    _term(vp > 0, T.Cast(ACCUMULATION_DTYPE, gl[vb, vg, i, j]), state[vp])
-                                    + T.Cast(ACCUMULATION_DTYPE, gm[vb, vg, i, j]) * state[vp + 1]
-                                    + _term(vp + 1 < length, T.Cast(ACCUMULATION_DTYPE, gr[vb, vg, i, j]), state[vp + 2])
+                                    _term(vp > 0, gl, state[vp]) + gm * state[vp + 1] + _term(vp + 1 < length, gr, state[vp + 2])
                                 )
-                                current[vp] = T.Cast(ACCUMULATION_DTYPE, lam[vb, vc, i, j]) * T.Cast(
-                                    ACCUMULATION_DTYPE, x[vb, vc, i, j]
-                                ) + T.Select(restart, T.float32(0), propagated)
+                                current[vp] = T.Cast(f32, lam[vb, vc, i, j]) * T.Cast(f32, x[vb, vc, i, j]) + T.Select(
+                                    restart, T.float32(0), propagated)
                         for p in range(length):
                             with T.sblock("carry"):
                                 vp = T.axis.spatial(length, p)
@@ -156,9 +195,80 @@ def scan_forward(direction: str, dtype: str):
                             with T.sblock("emit"):
                                 vp = T.axis.spatial(length, p)
                                 i, j = T.meta_var(_element(direction, line, vp))
-                                h[vb, vc, i, j] = T.Cast(dtype, state[vp + 1])
+                                if fused:
+                                    out[vb, vc, i, j] = T.Cast(dtype, _output(fused, state[vp + 1], T.Cast(f32, x[vb, vc, i, j]),
+                                                                            T.Cast(f32, gate[vb, vc, i, j]), T.Cast(f32, skip[vb, vc, i, j])))  # fmt: skip
+                                else:
+                                    out[vb, vc, i, j] = T.Cast(dtype, state[vp + 1])
 
-    return forward.with_attr("global_symbol", forward_name(direction))
+    return planes
+
+
+def _forward_func(dtype: str, fused: bool, planes, symbol: str):
+    """The PrimFunc of a forward scan around the body macro ``planes`` (see :func:`scan_forward` and
+    :func:`fused_scan_forward` for the arguments)."""
+    if fused:
+
+        @T.prim_func(s_tir=True)
+        def forward(u_handle: T.handle, lam_handle: T.handle, al_handle: T.handle, am_handle: T.handle,
+                    ar_handle: T.handle, gate_handle: T.handle, skip_handle: T.handle, y_handle: T.handle,
+                    chunk: T.int64):  # fmt: skip
+            T.func_attr({"tir.noalias": True})
+            B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            u = T.match_buffer(u_handle, (B, C, H, W), dtype)
+            lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
+            al = T.match_buffer(al_handle, (B, G, H, W), dtype)
+            am = T.match_buffer(am_handle, (B, G, H, W), dtype)
+            ar = T.match_buffer(ar_handle, (B, G, H, W), dtype)
+            gate = T.match_buffer(gate_handle, (B, C, H, W), dtype)
+            skip = T.match_buffer(skip_handle, (B, C, H, W), dtype)
+            y = T.match_buffer(y_handle, (B, C, H, W), dtype)
+            chk = T.meta_var(T.Cast("int64", chunk))  # int64 even where a caller binds chunk to a constant
+            assert G >= 1 and G <= C and C % G == 0, "al: expected a group count G that divides C"
+            assert chk >= 0, "chunk: expected an int >= 0"
+            planes(u, lam, al, am, ar, gate, skip, y, B, C, G, H, W, chk)
+
+    else:
+
+        @T.prim_func(s_tir=True)
+        def forward(x_handle: T.handle, lam_handle: T.handle, gl_handle: T.handle, gm_handle: T.handle,
+                    gr_handle: T.handle, h_handle: T.handle, chunk: T.int64):  # fmt: skip
+            T.func_attr({"tir.noalias": True})
+            B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            x = T.match_buffer(x_handle, (B, C, H, W), dtype)
+            lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
+            gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
+            gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
+            gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
+            h = T.match_buffer(h_handle, (B, C, H, W), dtype)
+            chk = T.meta_var(T.Cast("int64", chunk))  # int64 even where a caller binds chunk to a constant
+            assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
+            assert chk >= 0, "chunk: expected an int >= 0"
+            planes(x, lam, gl, gm, gr, None, None, h, B, C, G, H, W, chk)
+
+    return forward.with_attr("global_symbol", symbol)
+
+
+def scan_forward(direction: str, dtype: str):
+    """Forward scan ``h = scan(x, lam, gl, gm, gr)`` along ``direction``, storage ``dtype``.
+
+    Arguments: ``x, lam, h``: ``(B, C, H, W)``; ``gl, gm, gr``: ``(B, G, H, W)``; ``chunk``: int64 >= 0.
+    Blocks: see :func:`_row_planes`.
+    """
+    assert direction in DIRECTIONS, direction
+    return _forward_func(dtype, False, _row_planes(direction, dtype, False), forward_name(direction))
+
+
+def fused_scan_forward(direction: str, dtype: str):
+    """Fused forward ``y = scan(u, lam, normalize(al, am, ar)) * gate + u * skip`` along ``direction``.
+
+    Arguments: ``u, lam, gate, skip, y``: ``(B, C, H, W)``; ``al, am, ar`` (weight logits):
+    ``(B, G, H, W)``; ``chunk``: int64 >= 0. The blocks of :func:`scan_forward`; the weights are
+    normalized where they are read, in float32, and ``h`` lives in the line buffers only: ``y`` is
+    the one tensor written, rounded once.
+    """
+    assert direction in DIRECTIONS, direction
+    return _forward_func(dtype, True, _row_planes(direction, dtype, True), fused_forward_name(direction))
 
 
 def scan_backward(direction: str, dtype: str):
@@ -419,52 +529,26 @@ def _tile_copies(lane, dtype):
     return stage_block, store_block
 
 
-def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
-    """Forward column scan (``l2r``/``r2l``) staged through ``tile``-column transposed tiles.
-
-    Same arguments and result as :func:`scan_forward`. Blocks: ``plane`` per ``(b, c)``; inside it
-    ``tile`` per ``tile`` columns in scan order, holding ``stage_in_8x8`` (the tile's inputs copied
-    into ``(tile, H + TILE_PAD)`` float32 buffers, transposed so that a column is contiguous, one
-    ``V x V`` block at a time through a block-local register tile: vector loads along the rows of the
-    input, vector stores along the staged columns; the constant block shape is what lets LLVM emit
-    whole vectors, where a copy over symbolic extents stays scalar), ``stage_in_rows_tail`` /
-    ``stage_in_cols_tail`` (the rows and columns beyond a multiple of ``V``, element by element),
-    ``line`` per column (``step``, ``ends``, ``carry`` as in :func:`scan_forward`, the new column
-    written to the staged output) and ``stage_out_8x8`` / ``stage_out_*_tail`` (copied back the same
-    way, converted to ``dtype``).
-    """
-    assert is_column(direction), direction
+def _column_tile_planes(direction: str, dtype: str, fused: bool, tile: int):
+    """Macro of the forward body of column scans staged through ``tile``-column transposed tiles
+    (see :func:`scan_forward_column_tiles`)."""
     reversed_ = is_reversed(direction)
     f32 = ACCUMULATION_DTYPE
     stage_block, store_block = _tile_copies((lambda e: V - 1 - e) if reversed_ else (lambda e: e), dtype)
 
-    @T.prim_func(s_tir=True)
-    def forward(
-        x_handle: T.handle,
-        lam_handle: T.handle,
-        gl_handle: T.handle,
-        gm_handle: T.handle,
-        gr_handle: T.handle,
-        h_handle: T.handle,
-        chunk: T.int64,
-    ):
-        T.func_attr({"tir.noalias": True})
-        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
-        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
-        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
-        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
-        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
-        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
-        chk = T.meta_var(T.Cast("int64", chunk))
-        assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
-        assert chk >= 0, "chunk: expected an int >= 0"
+    @T.macro
+    def planes(x, lam, wl, wm, wr, gate, skip, out, B, C, G, H, W, chk):
         n_tiles = T.meta_var((W + (tile - 1)) // tile)
         for b, c in T.grid(B, C):
             with T.sblock("plane"):
                 vb, vc = T.axis.remap("SS", [b, c])
-                T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], gl[vb, 0:G, 0:H, 0:W], gm[vb, 0:G, 0:H, 0:W], gr[vb, 0:G, 0:H, 0:W])
-                T.writes(h[vb, vc, 0:H, 0:W])
+                if fused:
+                    T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], wl[vb, 0:G, 0:H, 0:W], wm[vb, 0:G, 0:H, 0:W],
+                            wr[vb, 0:G, 0:H, 0:W], gate[vb, vc, 0:H, 0:W], skip[vb, vc, 0:H, 0:W])  # fmt: skip
+                else:
+                    T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], wl[vb, 0:G, 0:H, 0:W], wm[vb, 0:G, 0:H, 0:W],
+                            wr[vb, 0:G, 0:H, 0:W])  # fmt: skip
+                T.writes(out[vb, vc, 0:H, 0:W])
                 vg = T.meta_var(vc // (C // G))
                 state = T.sblock_alloc_buffer((H + 2,), f32)
                 for q in range(H + 2):
@@ -482,10 +566,14 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                         mem = T.meta_var(lambda k0: col(k0 + V - 1) if reversed_ else col(k0))
                         xs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         lams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
-                        gls = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
-                        gms = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
-                        grs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        # the weights (plain scan) or their logits (fused scan)
+                        wls = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        wms = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        wrs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         hs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                        if fused:
+                            gates = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
+                            skips = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         full_rows = T.meta_var(H // V * V)
                         full_cols = T.meta_var(count // V * V)
                         for ib, kb in T.grid(H // V, count // V):
@@ -493,25 +581,34 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                                 vib, vkb = T.axis.remap("SS", [ib, kb])
                                 stage_block(xs, x, vb, vc, vib * V, vkb * V, mem(vkb * V))
                                 stage_block(lams, lam, vb, vc, vib * V, vkb * V, mem(vkb * V))
-                                stage_block(gls, gl, vb, vg, vib * V, vkb * V, mem(vkb * V))
-                                stage_block(gms, gm, vb, vg, vib * V, vkb * V, mem(vkb * V))
-                                stage_block(grs, gr, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                stage_block(wls, wl, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                stage_block(wms, wm, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                stage_block(wrs, wr, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                if fused:
+                                    stage_block(gates, gate, vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                    stage_block(skips, skip, vb, vc, vib * V, vkb * V, mem(vkb * V))
                         for i, k in T.grid(H - full_rows, count):
                             with T.sblock("stage_in_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
                                 xs[vk, full_rows + vi] = T.Cast(f32, x[vb, vc, full_rows + vi, col(vk)])
                                 lams[vk, full_rows + vi] = T.Cast(f32, lam[vb, vc, full_rows + vi, col(vk)])
-                                gls[vk, full_rows + vi] = T.Cast(f32, gl[vb, vg, full_rows + vi, col(vk)])
-                                gms[vk, full_rows + vi] = T.Cast(f32, gm[vb, vg, full_rows + vi, col(vk)])
-                                grs[vk, full_rows + vi] = T.Cast(f32, gr[vb, vg, full_rows + vi, col(vk)])
+                                wls[vk, full_rows + vi] = T.Cast(f32, wl[vb, vg, full_rows + vi, col(vk)])
+                                wms[vk, full_rows + vi] = T.Cast(f32, wm[vb, vg, full_rows + vi, col(vk)])
+                                wrs[vk, full_rows + vi] = T.Cast(f32, wr[vb, vg, full_rows + vi, col(vk)])
+                                if fused:
+                                    gates[vk, full_rows + vi] = T.Cast(f32, gate[vb, vc, full_rows + vi, col(vk)])
+                                    skips[vk, full_rows + vi] = T.Cast(f32, skip[vb, vc, full_rows + vi, col(vk)])
                         for i, k in T.grid(full_rows, count - full_cols):
                             with T.sblock("stage_in_cols_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
                                 xs[full_cols + vk, vi] = T.Cast(f32, x[vb, vc, vi, col(full_cols + vk)])
                                 lams[full_cols + vk, vi] = T.Cast(f32, lam[vb, vc, vi, col(full_cols + vk)])
-                                gls[full_cols + vk, vi] = T.Cast(f32, gl[vb, vg, vi, col(full_cols + vk)])
-                                gms[full_cols + vk, vi] = T.Cast(f32, gm[vb, vg, vi, col(full_cols + vk)])
-                                grs[full_cols + vk, vi] = T.Cast(f32, gr[vb, vg, vi, col(full_cols + vk)])
+                                wls[full_cols + vk, vi] = T.Cast(f32, wl[vb, vg, vi, col(full_cols + vk)])
+                                wms[full_cols + vk, vi] = T.Cast(f32, wm[vb, vg, vi, col(full_cols + vk)])
+                                wrs[full_cols + vk, vi] = T.Cast(f32, wr[vb, vg, vi, col(full_cols + vk)])
+                                if fused:
+                                    gates[full_cols + vk, vi] = T.Cast(f32, gate[vb, vc, vi, col(full_cols + vk)])
+                                    skips[full_cols + vk, vi] = T.Cast(f32, skip[vb, vc, vi, col(full_cols + vk)])
                         for k in range(count):
                             with T.sblock("line"):
                                 vk = T.axis.opaque(tile, k)
@@ -519,38 +616,69 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
                                 for p in range(H):
                                     with T.sblock("step"):
                                         vp = T.axis.spatial(H, p)
-                                        propagated = T.meta_var(
-                                            gls[vk, vp] * state[vp] + gms[vk, vp] * state[vp + 1] + grs[vk, vp] * state[vp + 2]
-                                        )
+                                        gl, gm, gr = T.meta_var(_weights(fused, wls[vk, vp], wms[vk, vp], wrs[vk, vp], vp, H))
+                                        propagated = T.meta_var(gl * state[vp] + gm * state[vp + 1] + gr * state[vp + 2])
                                         hs[vk, vp] = lams[vk, vp] * xs[vk, vp] + T.Select(restart, T.float32(0), propagated)
                                 for e in range(2):
                                     with T.sblock("ends"):
                                         ve = T.axis.spatial(2, e)
                                         vp = T.meta_var(ve * (H - 1))
+                                        gl, gm, gr = T.meta_var(_weights(fused, wls[vk, vp], wms[vk, vp], wrs[vk, vp], vp, H))
                                         propagated = T.meta_var(
-                                            _term(vp > 0, gls[vk, vp], state[vp])
-                                            + gms[vk, vp] * state[vp + 1]
-                                            + _term(vp + 1 < H, grs[vk, vp], state[vp + 2])
+                                            _term(vp > 0, gl, state[vp]) + gm * state[vp + 1] + _term(vp + 1 < H, gr, state[vp + 2])
                                         )
                                         hs[vk, vp] = lams[vk, vp] * xs[vk, vp] + T.Select(restart, T.float32(0), propagated)
                                 for p in range(H):
                                     with T.sblock("carry"):
                                         vp = T.axis.spatial(H, p)
                                         state[vp + 1] = hs[vk, vp]
+                        if fused:
+                            # y of the whole tile, in place of h (every column of it is carried already)
+                            for k, p in T.grid(count, H):
+                                with T.sblock("gate"):
+                                    vk, vp = T.axis.remap("SS", [k, p])
+                                    hs[vk, vp] = _output(fused, hs[vk, vp], xs[vk, vp], gates[vk, vp], skips[vk, vp])
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_out_8x8"):
                                 vib, vkb = T.axis.remap("SS", [ib, kb])
-                                store_block(h, hs, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                store_block(out, hs, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
                         for i, k in T.grid(H - full_rows, count):
                             with T.sblock("stage_out_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
-                                h[vb, vc, full_rows + vi, col(vk)] = T.Cast(dtype, hs[vk, full_rows + vi])
+                                out[vb, vc, full_rows + vi, col(vk)] = T.Cast(dtype, hs[vk, full_rows + vi])
                         for i, k in T.grid(full_rows, count - full_cols):
                             with T.sblock("stage_out_cols_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
-                                h[vb, vc, vi, col(full_cols + vk)] = T.Cast(dtype, hs[full_cols + vk, vi])
+                                out[vb, vc, vi, col(full_cols + vk)] = T.Cast(dtype, hs[full_cols + vk, vi])
 
-    return forward.with_attr("global_symbol", forward_name(direction))
+    return planes
+
+
+def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
+    """Forward column scan (``l2r``/``r2l``) staged through ``tile``-column transposed tiles.
+
+    Same arguments and result as :func:`scan_forward`. Blocks: ``plane`` per ``(b, c)``; inside it
+    ``tile`` per ``tile`` columns in scan order, holding ``stage_in_8x8`` (the tile's inputs copied
+    into ``(tile, H + TILE_PAD)`` float32 buffers, transposed so that a column is contiguous, one
+    ``V x V`` block at a time through a block-local register tile: vector loads along the rows of the
+    input, vector stores along the staged columns; the constant block shape is what lets LLVM emit
+    whole vectors, where a copy over symbolic extents stays scalar), ``stage_in_rows_tail`` /
+    ``stage_in_cols_tail`` (the rows and columns beyond a multiple of ``V``, element by element),
+    ``line`` per column (``step``, ``ends``, ``carry`` as in :func:`scan_forward`, the new column
+    written to the staged output) and ``stage_out_8x8`` / ``stage_out_*_tail`` (copied back the same
+    way, converted to ``dtype``).
+    """
+    assert is_column(direction), direction
+    return _forward_func(dtype, False, _column_tile_planes(direction, dtype, False, tile), forward_name(direction))
+
+
+def fused_scan_forward_column_tiles(direction: str, dtype: str, tile: int):
+    """Fused forward column scan staged like :func:`scan_forward_column_tiles`; arguments as
+    :func:`fused_scan_forward`. The logits are staged where the weights are and normalized in the
+    ``step``/``ends`` blocks; ``gate`` and ``skip`` are staged too, and a ``gate`` block turns the
+    tile's ``h`` into ``y`` before it is copied out (8 staged tensors per tile)."""
+    assert is_column(direction), direction
+    return _forward_func(dtype, True, _column_tile_planes(direction, dtype, True, tile), fused_forward_name(direction))
 
 
 def scan_backward_column_tiles(direction: str, dtype: str, tile: int):

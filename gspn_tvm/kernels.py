@@ -1,4 +1,5 @@
-"""TVM kernels of ``gspn::scan`` and ``gspn::scan_backward`` for the devices TVM serves.
+"""TVM kernels of ``gspn::scan``, ``gspn::scan_backward``, ``gspn::fused_scan`` and
+``gspn::fused_scan_backward`` for the devices TVM serves.
 
 Each kernel first checks its arguments with ``gspn_ref.validation`` (the checks of the reference,
 O(1) in the sizes), so a kernel reached directly (``torch.ops.gspn.scan`` with the TVM kernels
@@ -6,7 +7,14 @@ enabled, or these functions) never hands the compiled code a shape it would misr
 the inputs contiguous (a copy only for non-contiguous, expanded or channels-last inputs), allocates
 the outputs and passes everything to the compiled library through DLPack. Indices are 64-bit, so
 element counts beyond 2**31 are supported. float64 has no compiled kernel: it runs the reference
-(float64 is for gradient checks). Devices other than those TVM serves (``cpu``, ``cuda``; e.g.
+(float64 is for gradient checks).
+
+The fused forward is one compiled kernel per direction (the ``"fused"`` library of
+:mod:`gspn_tvm.build`). The fused adjoint is composed of the scan kernels: the weights are recomputed
+in torch in float32 (:func:`gspn_ref.normalize_weights`), ``h`` by the TVM forward scan and the
+scan's adjoint by the TVM adjoint on ``gy * gate``, all in float32 whatever the input dtype (weights
+and ``h`` are never rounded to it); the normalization's adjoint and the gate and skip terms are torch
+elementwise operations, and every gradient is rounded once at the end. Devices other than those TVM serves (``cpu``, ``cuda``; e.g.
 ``meta``) are rejected with a ``ValueError``.
 
 Threads: every CPU call first sizes the TVM runtime's thread pool to ``torch.get_num_threads()``
@@ -21,9 +29,10 @@ import logging
 
 import torch
 
-from gspn_ref import gspn_scan_backward_ref, gspn_scan_ref
+from gspn_ref import gspn_fused_scan_backward_ref, gspn_fused_scan_ref, gspn_scan_backward_ref, gspn_scan_ref
 from gspn_ref.directions import line_count, line_length
-from gspn_ref.validation import validate_backward_args, validate_scan_args
+from gspn_ref.normalize import normalize_weights, normalize_weights_backward
+from gspn_ref.validation import validate_backward_args, validate_fused_args, validate_like, validate_scan_args
 
 from . import build, compute, threads
 from .schedules import cuda as cuda_schedule
@@ -31,14 +40,15 @@ from .schedules import cuda as cuda_schedule
 logger = logging.getLogger(__name__)
 
 _TORCH_TO_TVM = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_libraries: dict[tuple[str, str], object] = {}
+_libraries: dict[tuple[str, str, str], object] = {}
 
 _warned_fallbacks: set[str] = set()
 
 
-def library(device: str, dtype: torch.dtype):
-    """The compiled scan library for ``device`` ("cpu"/"cuda") and ``dtype``, loaded once per process."""
-    key = (device, _TORCH_TO_TVM[dtype])
+def library(device: str, dtype: torch.dtype, kind: str = "scan"):
+    """The compiled ``kind`` library (``"scan"`` or ``"fused"``, see :mod:`gspn_tvm.build`) for
+    ``device`` ("cpu"/"cuda") and ``dtype``, loaded once per process."""
+    key = (device, _TORCH_TO_TVM[dtype], kind)
     if key not in _libraries:
         _libraries[key] = build.load_scan_library(*key)
     return _libraries[key]
@@ -78,11 +88,11 @@ def _kernel_chunk(chunk: int, direction: str, x: torch.Tensor) -> int:
     return 0 if chunk >= line_count(direction, x.shape[2], x.shape[3]) else chunk
 
 
-def _compiled(name: str, x: torch.Tensor):
+def _compiled(name: str, x: torch.Tensor, kind: str = "scan"):
     """The compiled function ``name`` for ``x``'s device and dtype; on CPU, TVM's pool sized to torch's."""
     if x.device.type == "cpu":
         threads.use_threads(torch.get_num_threads())
-    return library(x.device.type, x.dtype)[name]
+    return library(x.device.type, x.dtype, kind)[name]
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -120,3 +130,42 @@ def scan_backward(gh, x, lam, gl, gm, gr, h, direction: str, chunk: int):
     kernel = _compiled(compute.backward_name(direction), x)
     kernel(gh, x, lam, gl, gm, gr, h, *grads, _kernel_chunk(chunk, direction, x))
     return grads
+
+
+def fused_scan_forward(u, lam, al, am, ar, gate, skip, direction: str, chunk: int) -> torch.Tensor:
+    """``y`` (B, C, H, W) of the fused scan from ``u, lam, gate, skip`` (B, C, H, W) and the weight
+    logits ``al, am, ar`` (B, G, H, W): one compiled pass (float64: the reference).
+
+    Raises ``TypeError``/``ValueError`` naming the argument for invalid input (see
+    :func:`gspn_ref.validation.validate_fused_args`) and for a device TVM does not serve.
+    """
+    validate_fused_args(u, lam, al, am, ar, gate, skip, direction, chunk)
+    _served_device(u)
+    if u.dtype not in _TORCH_TO_TVM:
+        return gspn_fused_scan_ref(u, lam, al, am, ar, gate, skip, direction, chunk)
+    inputs = tuple(_dense(t) for t in (u, lam, al, am, ar, gate, skip))
+    y = torch.empty_like(inputs[0])
+    _compiled(compute.fused_forward_name(direction), y, "fused")(*inputs, y, _kernel_chunk(chunk, direction, y))
+    return y
+
+
+def fused_scan_backward(gy, u, lam, al, am, ar, gate, skip, direction: str, chunk: int):
+    """``(du, dlam, dal, dam, dar, dgate, dskip)`` shaped and typed like ``(u, lam, al, am, ar, gate,
+    skip)``, for the upstream gradient ``gy`` (B, C, H, W): the TVM scan kernels in float32 between
+    torch's normalization and its adjoint (see the module docstring; float64: the reference).
+
+    Validates like :func:`fused_scan_forward`, plus ``gy`` shaped, typed and placed like ``u``.
+    """
+    validate_fused_args(u, lam, al, am, ar, gate, skip, direction, chunk)
+    validate_like(u, "u", gy=gy)
+    _served_device(u)
+    if u.dtype not in _TORCH_TO_TVM:
+        return gspn_fused_scan_backward_ref(gy, u, lam, al, am, ar, gate, skip, direction, chunk)
+    f32 = torch.float32
+    gy_, u_, lam_, al_, am_, ar_, gate_, skip_ = (_dense(t).to(f32) for t in (gy, u, lam, al, am, ar, gate, skip))
+    weights = normalize_weights(al_, am_, ar_, direction)
+    h = scan_forward(u_, lam_, *weights, direction, chunk)
+    du, dlam, dgl, dgm, dgr = scan_backward(gy_ * gate_, u_, lam_, *weights, h, direction, chunk)
+    dal, dam, dar = normalize_weights_backward(dgl, dgm, dgr, al_, am_, ar_, direction)
+    grads = (du.add_(gy_ * skip_), dlam, dal, dam, dar, gy_ * h, gy_ * u_)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (u, lam, al, am, ar, gate, skip)))

@@ -1,4 +1,5 @@
-"""Registration of the TVM kernels on ``gspn::scan`` and ``gspn::scan_backward`` (see ``gspn_tvm``)."""
+"""Registration of the TVM kernels on ``gspn::scan``, ``gspn::scan_backward``, ``gspn::fused_scan``
+and ``gspn::fused_scan_backward`` (see ``gspn_tvm``); one switch for all four."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from collections.abc import Iterator
 
 import torch
 
-from gspn_ref import gspn_scan_backward_ref, gspn_scan_ref
-from gspn_ref.ops import scan_backward_op, scan_op
+from gspn_ref import gspn_fused_scan_backward_ref, gspn_fused_scan_ref, gspn_scan_backward_ref, gspn_scan_ref
+from gspn_ref.ops import fused_scan_backward_op, fused_scan_op, scan_backward_op, scan_op
 
 from . import kernels
 
@@ -37,18 +38,32 @@ def _backward_kernel(gh, x, lam, gl, gm, gr, h, direction, chunk):
     return gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction, chunk)
 
 
+def _fused_forward_kernel(u, lam, al, am, ar, gate, skip, direction, chunk):
+    if u.device.type in _enabled:
+        return kernels.fused_scan_forward(u, lam, al, am, ar, gate, skip, direction, chunk)
+    return gspn_fused_scan_ref(u, lam, al, am, ar, gate, skip, direction, chunk)
+
+
+def _fused_backward_kernel(gy, u, lam, al, am, ar, gate, skip, direction, chunk):
+    if u.device.type in _enabled:
+        return kernels.fused_scan_backward(gy, u, lam, al, am, ar, gate, skip, direction, chunk)
+    return gspn_fused_scan_backward_ref(gy, u, lam, al, am, ar, gate, skip, direction, chunk)
+
+
 def enable() -> None:
-    """Run ``gspn::scan`` and ``gspn::scan_backward`` with TVM kernels on every served device."""
+    """Run ``gspn::scan``, ``gspn::fused_scan`` and their adjoints with TVM kernels on every served device."""
     for device in devices():
         if device not in _registered:
             scan_op.register_kernel(device)(_forward_kernel)
             scan_backward_op.register_kernel(device)(_backward_kernel)
+            fused_scan_op.register_kernel(device)(_fused_forward_kernel)
+            fused_scan_backward_op.register_kernel(device)(_fused_backward_kernel)
             _registered.add(device)
         _enabled.add(device)
 
 
 def disable() -> None:
-    """Return ``gspn::scan`` and ``gspn::scan_backward`` to the reference kernels."""
+    """Return the four operators to the reference kernels."""
     _enabled.clear()
 
 

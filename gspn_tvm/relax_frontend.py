@@ -1,8 +1,9 @@
 """Whole-model compilation of GSPN models with TVM Relax.
 
 ``compile_model`` takes a torch model through ``torch.export`` and TVM's ExportedProgram importer;
-``compile_onnx`` takes an ONNX file (custom ``gspn::GSPNScan`` nodes or a portable form) through
-TVM's ONNX importer. In both, every scan becomes a ``call_tir`` of this project's TensorIR scan
+``compile_onnx`` takes an ONNX file (custom ``gspn::GSPNScan`` / ``gspn::GSPNFusedScan`` nodes or a
+portable form) through TVM's ONNX importer. In both, every scan and every fused scan
+(``torch.ops.gspn.fused_scan``) becomes a ``call_tir`` of this project's TensorIR kernel
 (``gspn_tvm.compute``, scheduled for the target by ``gspn_tvm.schedules``); convolutions, norms and
 the rest are lowered by Relax. The result is one VM executable for the whole model, returned as a
 :class:`CompiledModel` that runs on torch tensors (DLPack, no copies) and saves an artifact that
@@ -29,12 +30,13 @@ from tvm.runtime.params import save_param_dict_to_file
 from tvm.runtime.vm import VirtualMachine
 
 from gspn_ref.onnx_op import DOMAIN as ONNX_SCAN_DOMAIN
+from gspn_ref.onnx_op import FUSED_INPUT_NAMES, FUSED_OP_TYPE, INPUT_NAMES
 from gspn_ref.onnx_op import OP_TYPE as ONNX_SCAN_OP
 from gspn_ref.shapes import export_dynamic_shapes
 from gspn_ref.validation import validate_chunk, validate_direction
 
 from . import isa
-from .compute import forward_name
+from .compute import forward_name, fused_forward_name
 from .relax_cpu_schedule import cpu_pipeline
 from .runtime_loader import (
     LIBRARY_FILE,
@@ -50,6 +52,9 @@ from .runtime_loader import (
 from .threads import use_threads
 
 TORCH_SCAN_OP = "scan.default"  # ``node.target.__name__`` of ``torch.ops.gspn.scan.default``
+TORCH_FUSED_SCAN_OP = "fused_scan.default"  # ``torch.ops.gspn.fused_scan.default``
+#: ONNX op type -> input names, for the project's custom ONNX operators
+ONNX_GSPN_OPS = {ONNX_SCAN_OP: INPUT_NAMES, FUSED_OP_TYPE: FUSED_INPUT_NAMES}
 SUPPORTED_TARGET_KINDS = ("llvm", "cuda")
 #: Floating dtypes a whole model may use: TVM 0.27's torch importer mixes float32 into float16 and
 #: bfloat16 graphs (norms, constants) and Relax then refuses the mixed operators.
@@ -122,23 +127,24 @@ def _check_model_dtypes(model: torch.nn.Module, args: tuple) -> None:
             )
 
 
-def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Target) -> tirx.PrimFunc:
-    """The project's forward scan for ``direction``/``dtype``, scheduled for ``target``, ``chunk`` bound.
+def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Target, fused: bool = False) -> tirx.PrimFunc:
+    """The project's forward scan (``fused``: the fused scan) for ``direction``/``dtype``, scheduled
+    for ``target``, ``chunk`` bound.
 
     Arguments of the returned PrimFunc: ``x, lam, h`` ``(B, C, H, W)``, ``gl, gm, gr`` ``(B, G, H, W)``
-    in the order ``x, lam, gl, gm, gr, h`` (sizes symbolic).
+    in the order ``x, lam, gl, gm, gr, h``; fused: ``u, lam, al, am, ar, gate, skip, y`` (``al, am,
+    ar`` ``(B, G, H, W)``, the others ``(B, C, H, W)``). Sizes symbolic.
     """
-    if target.kind.name == "cuda":
-        from .schedules.cuda import schedule_forward
-    else:
-        from .schedules.cpu import schedule_forward
-    func = schedule_forward(direction, dtype)
+    from .schedules import cpu, cuda
+
+    schedule = cuda if target.kind.name == "cuda" else cpu
+    func = (schedule.schedule_fused_forward if fused else schedule.schedule_forward)(direction, dtype)
     # The chunk of every scan of a model is a constant of the graph: bind it so the kernel folds it.
     chunk_param = func.params[-1]
     func = func.specialize({chunk_param: tirx.IntImm(str(chunk_param.ty), chunk)})
     return func.with_attrs(
         {
-            "global_symbol": f"{forward_name(direction)}_{dtype}_chunk{chunk}",
+            "global_symbol": f"{(fused_forward_name if fused else forward_name)(direction)}_{dtype}_chunk{chunk}",
             "tirx.is_scheduled": True,
             "op_pattern": OP_PATTERN_OPAQUE,
         }
@@ -146,46 +152,53 @@ def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Targe
 
 
 class ScanEmitter:
-    """Emits ``call_tir`` of the scan into a Relax BlockBuilder, one PrimFunc per (direction, dtype, chunk)."""
+    """Emits ``call_tir`` of the scan or the fused scan into a Relax BlockBuilder, one PrimFunc per
+    (operator, direction, dtype, chunk)."""
 
     def __init__(self, target: tvm.target.Target):
         self.target = target
-        self._kernels: dict[tuple[str, str, int], relax.GlobalVar] = {}
+        self._kernels: dict[tuple[bool, str, str, int], relax.GlobalVar] = {}
 
-    def emit(self, bb: relax.BlockBuilder, inputs: Sequence[relax.Expr], direction: str, chunk: int) -> relax.Var:
-        """``h`` for ``inputs = (x, lam, gl, gm, gr)``; ``h`` has the type (shape, dtype) of ``x``."""
+    def emit(self, bb: relax.BlockBuilder, inputs: Sequence[relax.Expr], direction: str, chunk: int,
+             fused: bool = False) -> relax.Var:  # fmt: skip
+        """``h`` for ``inputs = (x, lam, gl, gm, gr)``, or (``fused``) ``y`` for ``inputs = (u, lam,
+        al, am, ar, gate, skip)``; the output has the type (shape, dtype) of the first input."""
+        op, names = (FUSED_OP_TYPE, FUSED_INPUT_NAMES) if fused else (ONNX_SCAN_OP, INPUT_NAMES)
         direction, chunk = validate_direction(direction), validate_chunk(int(chunk))
         x = inputs[0]
         x_type = x.ty
         if x_type.shape is None:
             raise ValueError(
-                f"GSPNScan: the shape of x is unknown to the importer ({x_type}); "
+                f"{op}: the shape of {names[0]} is unknown to the importer ({x_type}); "
                 "give the model's inputs a rank and shape"
             )
         dtype = str(x_type.dtype)
-        for name, value in zip(("lam", "gl", "gm", "gr"), inputs[1:]):
+        for name, value in zip(names[1:], inputs[1:]):
             if str(value.ty.dtype) != dtype:
-                raise ValueError(f"GSPNScan: {name} has dtype {value.ty.dtype}; expected {dtype} (the dtype of x)")
-        key = (direction, dtype, chunk)
+                raise ValueError(f"{op}: {name} has dtype {value.ty.dtype}; expected {dtype} (the dtype of {names[0]})")
+        key = (fused, direction, dtype, chunk)
         if key not in self._kernels:
-            kernel = scan_kernel(direction, dtype, chunk, self.target)
+            kernel = scan_kernel(direction, dtype, chunk, self.target, fused)
             self._kernels[key] = bb.add_func(kernel, kernel.attrs["global_symbol"])
         return bb.emit(relax.call_tir(self._kernels[key], list(inputs), x_type))
 
-    def torch_converter(self) -> Callable:
-        """Converter of ``torch.ops.gspn.scan.default`` for ``from_exported_program``'s custom map."""
+    def torch_converter(self, fused: bool = False) -> Callable:
+        """Converter of ``torch.ops.gspn.scan.default`` (``fused``: ``torch.ops.gspn.fused_scan.default``)
+        for ``from_exported_program``'s custom map."""
+        n = len(FUSED_INPUT_NAMES if fused else INPUT_NAMES)
 
         def convert(node: torch.fx.Node, importer) -> relax.Var:
-            inputs = [importer.env[arg] for arg in node.args[:5]]
-            direction = node.args[5] if len(node.args) > 5 else node.kwargs["direction"]
-            chunk = node.args[6] if len(node.args) > 6 else node.kwargs.get("chunk", 0)
-            return self.emit(importer.block_builder, inputs, direction, chunk)
+            inputs = [importer.env[arg] for arg in node.args[:n]]
+            direction = node.args[n] if len(node.args) > n else node.kwargs["direction"]
+            chunk = node.args[n + 1] if len(node.args) > n + 1 else node.kwargs.get("chunk", 0)
+            return self.emit(importer.block_builder, inputs, direction, chunk, fused)
 
         return convert
 
 
 class _GSPNOnnxImporter(onnx_frontend.ONNXGraphImporter):
-    """TVM's ONNX importer, plus ``gspn::GSPNScan`` (docs/operator.md ("The ONNX operator")) lowered to the project's scan."""
+    """TVM's ONNX importer, plus ``gspn::GSPNScan`` (docs/operator.md ("The ONNX operator")) and
+    ``gspn::GSPNFusedScan`` ("The fused scan") lowered to the project's kernels."""
 
     def __init__(self, emitter: ScanEmitter, **kwargs):
         super().__init__(**kwargs)
@@ -198,26 +211,27 @@ class _GSPNOnnxImporter(onnx_frontend.ONNXGraphImporter):
                 f"this ONNX model uses {', '.join(control_flow)}, which TVM's Relax ONNX importer does not "
                 "implement; export it with mode='custom' (GSPNScan nodes) or mode='portable-unrolled'"
             )
-        gspn_nodes = [node for node in graph.node if node.op_type == ONNX_SCAN_OP]
+        gspn_nodes = [node for node in graph.node if node.op_type in ONNX_GSPN_OPS]
         for node in gspn_nodes:
             if node.domain != ONNX_SCAN_DOMAIN:
-                raise ValueError(f"node {node.name!r}: op {ONNX_SCAN_OP} in domain {node.domain!r}; expected {ONNX_SCAN_DOMAIN!r}")
+                raise ValueError(f"node {node.name!r}: op {node.op_type} in domain {node.domain!r}; expected {ONNX_SCAN_DOMAIN!r}")
         others = onnx.GraphProto()
-        others.node.extend(node for node in graph.node if node.op_type != ONNX_SCAN_OP)
+        others.node.extend(node for node in graph.node if node.op_type not in ONNX_GSPN_OPS)
         super()._check_for_unsupported_ops(others)
 
     def _convert_operator(self, op_name: str, inputs: list, attrs: dict, opset: int):
         if op_name == "Range":
             return self._convert_range(inputs, attrs, opset)
-        if op_name != ONNX_SCAN_OP:
+        if op_name not in ONNX_GSPN_OPS:
             return super()._convert_operator(op_name, inputs, attrs, opset)
-        if len(inputs) != 5 or any(value is None for value in inputs):
-            raise ValueError(f"{ONNX_SCAN_OP}: expected 5 inputs (x, lam, gl, gm, gr); got {len(inputs)}")
+        names = ONNX_GSPN_OPS[op_name]
+        if len(inputs) != len(names) or any(value is None for value in inputs):
+            raise ValueError(f"{op_name}: expected {len(names)} inputs ({', '.join(names)}); got {len(inputs)}")
         if "direction" not in attrs:
-            raise ValueError(f"{ONNX_SCAN_OP}: the attribute 'direction' is required")
+            raise ValueError(f"{op_name}: the attribute 'direction' is required")
         direction = attrs["direction"]
         direction = direction.decode() if isinstance(direction, bytes) else direction
-        return self._emitter.emit(self.bb, inputs, direction, attrs.get("chunk", 0))
+        return self._emitter.emit(self.bb, inputs, direction, attrs.get("chunk", 0), op_name == FUSED_OP_TYPE)
 
 
     def _convert_range(self, inputs: list, attrs: dict, opset: int):
@@ -406,7 +420,8 @@ def compile_model(
         program,
         keep_params_as_input=True,
         unwrap_unit_return_tuple=True,
-        custom_convert_map={TORCH_SCAN_OP: emitter.torch_converter()},
+        custom_convert_map={TORCH_SCAN_OP: emitter.torch_converter(),
+                            TORCH_FUSED_SCAN_OP: emitter.torch_converter(fused=True)},  # fmt: skip
     )
     return _build(mod, target)
 
@@ -440,7 +455,7 @@ def compile_onnx(
 ) -> CompiledModel:
     """Compile the ONNX model ``path`` (file or ModelProto) for ``target`` with TVM Relax.
 
-    ``gspn::GSPNScan`` nodes become the project's scan kernel; a portable export must be
+    ``gspn::GSPNScan`` and ``gspn::GSPNFusedScan`` nodes become the project's kernels; a portable export must be
     ``mode='portable-unrolled'`` (TVM's ONNX importer has no ``Scan``/``Loop``). The sizes the model
     names (``dim_param``: ``batch``, ``height``, ``width``) stay dynamic; ``input_shapes`` (input
     name -> sizes; an int fixes a size, a string keeps it dynamic under that name) overrides them.

@@ -19,7 +19,14 @@ from tvm import s_tir
 
 from gspn_ref.directions import is_column
 
-from ..compute import scan_backward, scan_backward_column_tiles, scan_forward, scan_forward_column_tiles
+from ..compute import (
+    fused_scan_forward,
+    fused_scan_forward_column_tiles,
+    scan_backward,
+    scan_backward_column_tiles,
+    scan_forward,
+    scan_forward_column_tiles,
+)
 
 #: Columns per staged tile. Column scans stage ``TILE_LINES * (H + TILE_PAD)`` float32 elements per
 #: staged tensor and task (see :func:`gspn_tvm.compute.scan_forward_column_tiles`): 6 tensors forward,
@@ -40,6 +47,14 @@ def schedule_forward(direction: str, dtype: str):
     if is_column(direction):
         return _parallel_tasks(scan_forward_column_tiles(direction, dtype, TILE_LINES), "plane")
     return _parallel_tasks(scan_forward(direction, dtype), "plane")
+
+
+def schedule_fused_forward(direction: str, dtype: str):
+    """Scheduled fused forward PrimFunc (one task per ``(b, c)``; column scans staged like the scan's,
+    with the same ``TILE_LINES``: 8 staged tensors instead of 6)."""
+    if is_column(direction):
+        return _parallel_tasks(fused_scan_forward_column_tiles(direction, dtype, TILE_LINES), "plane")
+    return _parallel_tasks(fused_scan_forward(direction, dtype), "plane")
 
 
 def schedule_backward(direction: str, dtype: str):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from ..compute import scan_backward, scan_forward
+from ..compute import fused_scan_forward, scan_backward, scan_forward
 
 THREADS = 256
 
@@ -38,15 +38,26 @@ def _to_shared(sch: s_tir.Schedule, writer_blocks) -> None:
         sch.set_scope(sch.get_sblock(block_name), buffer_name, "shared.dyn")
 
 
-def schedule_forward(direction: str, dtype: str):
-    """Scheduled forward PrimFunc for ``direction`` and storage ``dtype``."""
-    sch = s_tir.Schedule(scan_forward(direction, dtype))
+def _schedule_planes(func):
+    """One thread block per ``(b, c)`` plane, positions on threads, the line buffers in shared memory."""
+    sch = s_tir.Schedule(func)
     b, c = sch.get_loops(sch.get_sblock("plane"))
     sch.bind(sch.fuse(b, c), "blockIdx.x")
     for name in ("clear", "step", "ends", "carry", "emit"):
         _bind_positions(sch, sch.get_sblock(name))
     _to_shared(sch, (("clear", "state"), ("step", "current")))
     return sch.mod["main"]
+
+
+def schedule_forward(direction: str, dtype: str):
+    """Scheduled forward PrimFunc for ``direction`` and storage ``dtype``."""
+    return _schedule_planes(scan_forward(direction, dtype))
+
+
+def schedule_fused_forward(direction: str, dtype: str):
+    """Scheduled fused forward PrimFunc: the blocks of the forward scan, so the same mapping (the
+    weights are normalized by the thread that reads them; ``h`` stays in shared memory)."""
+    return _schedule_planes(fused_scan_forward(direction, dtype))
 
 
 def schedule_backward(direction: str, dtype: str):

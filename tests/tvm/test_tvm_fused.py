@@ -1,0 +1,174 @@
+"""TVM kernels of the fused scan ``gspn::fused_scan`` (docs/operator.md, "The fused scan").
+
+The compiled forward and the composed adjoint (:mod:`gspn_tvm.kernels`) are held to the float64
+reference through the public conformance API (``gspn_ref.testing``); the registered operator is
+differentiated inside ``gspn_tvm.enabled()``; the schedules are checked for their structure (parallel
+tasks, vectorized normalization, no plane-sized workspace); the CUDA source compiles with nvcc for
+sm_90 (no GPU needed); whole models calling the fused op compile with Relax, from torch.export and
+from a one-node ONNX model.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from tvm import s_tir
+
+import gspn_tvm
+from gspn_ref import DIRECTIONS, gspn_fused_scan, gspn_fused_scan_ref
+from gspn_ref.testing import ScanCase, assert_fused_scan_matches, check_fused_case, fused_inputs
+from gspn_tvm import build, compute, kernels
+from gspn_tvm.schedules import cpu, cuda
+
+HALF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NVCC = shutil.which("nvcc")
+
+
+def test_fused_kernel_matches_reference():
+    assert_fused_scan_matches(kernels.fused_scan_forward, backward=False, dtypes=HALF_DTYPES)
+
+
+def test_registered_fused_op_and_its_adjoint_match_reference(monkeypatch):
+    """``torch.ops.gspn.fused_scan`` differentiated with autograd inside ``gspn_tvm.enabled()``: the
+    TVM forward and the composed TVM adjoint run (counted) and equal the reference."""
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(kernels, "fused_scan_forward", counted("forward", kernels.fused_scan_forward))
+    monkeypatch.setattr(kernels, "fused_scan_backward", counted("backward", kernels.fused_scan_backward))
+    with gspn_tvm.enabled():
+        assert_fused_scan_matches(gspn_fused_scan, backward=True, dtypes=HALF_DTYPES)
+    assert calls["forward"] > 0 and calls["backward"] > 0, calls
+    # off again: the reference kernels serve the op
+    before = dict(calls)
+    inputs = fused_inputs(ScanCase(1, 2, 1, 3, 4, "t2b", 0))
+    gspn_fused_scan(*inputs, "t2b", 0)
+    assert calls == before
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize(("C", "G", "H", "W", "chunk"), [(2, 1, 19, 75, 0), (3, 3, 70, 17, 5), (2, 2, 8, 64, 33)])
+def test_fused_kernels_at_tile_and_vector_edges(direction, C, G, H, W, chunk):
+    """Sides beyond one register block (8) and one column tile (``TILE_LINES``), not multiples of
+    either, chunked, grouped: forward and adjoint of the kernels called directly."""
+    case = ScanCase(1, C, G, H, W, direction, chunk)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_fused_case(kernels.fused_scan_forward, case, dtype, backward=False)
+
+    def with_tvm_adjoint(*args):
+        return _TVMFused.apply(*args)
+
+    check_fused_case(with_tvm_adjoint, case, torch.float32, backward=True, logit_scale=8.0)
+
+
+class _TVMFused(torch.autograd.Function):
+    """The TVM forward and adjoint kernels wired for autograd (for direct calls of the kernels)."""
+
+    @staticmethod
+    def forward(ctx, u, lam, al, am, ar, gate, skip, direction, chunk):
+        ctx.save_for_backward(u, lam, al, am, ar, gate, skip)
+        ctx.direction, ctx.chunk = direction, chunk
+        return kernels.fused_scan_forward(u, lam, al, am, ar, gate, skip, direction, chunk)
+
+    @staticmethod
+    def backward(ctx, gy):
+        grads = kernels.fused_scan_backward(gy.contiguous(), *ctx.saved_tensors, ctx.direction, ctx.chunk)
+        return (*grads, None, None)
+
+
+def test_float64_runs_the_reference():
+    inputs = fused_inputs(ScanCase(1, 2, 2, 5, 6, "r2l", 2), torch.float64)
+    y = kernels.fused_scan_forward(*inputs, "r2l", 2)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, gspn_fused_scan_ref(*inputs, "r2l", 2), rtol=0, atol=0)
+
+
+def test_invalid_arguments_are_rejected_before_the_kernel():
+    u, lam, al, am, ar, gate, skip = fused_inputs(ScanCase(1, 4, 2, 5, 6, "t2b", 0))
+    with pytest.raises(ValueError, match=r"gate: expected shape \(1, 4, 5, 6\)"):
+        kernels.fused_scan_forward(u, lam, al, am, ar, gate[:, :, :4], skip, "t2b", 0)
+    with pytest.raises(TypeError, match="skip: expected dtype torch.float32"):
+        kernels.fused_scan_forward(u, lam, al, am, ar, gate, skip.double(), "t2b", 0)
+    with pytest.raises(ValueError, match="direction"):
+        kernels.fused_scan_forward(u, lam, al, am, ar, gate, skip, "up", 0)
+    with pytest.raises(ValueError, match=r"al: .*3"):
+        kernels.fused_scan_forward(u, lam, al[:, :1].expand(1, 3, 5, 6), am[:, :1].expand(1, 3, 5, 6),
+                                   ar[:, :1].expand(1, 3, 5, 6), gate, skip, "t2b", 0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"gy: expected shape \(1, 4, 5, 6\)"):
+        kernels.fused_scan_backward(u[:, :2], u, lam, al, am, ar, gate, skip, "t2b", 0)
+    meta = [t.to("meta") for t in (u, lam, al, am, ar, gate, skip)]
+    with pytest.raises(ValueError, match="expected a tensor on one of"):
+        kernels.fused_scan_forward(*meta, "t2b", 0)
+
+
+# -- structure of the schedules -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_fused_cpu_schedule_is_parallel_without_plane_sized_buffers(direction):
+    func = cpu.schedule_fused_forward(direction, "float32")
+    assert "T.parallel(" in func.script(), "planes not parallel"
+    assert func.attrs["global_symbol"] == compute.fused_forward_name(direction)
+    sch = s_tir.Schedule(func)
+    line = sch.get(sch.get_sblock("plane")).alloc_buffers
+    # the carried state: one line in float32 (and the new line, for row scans); never the plane
+    assert line and all(len(b.shape) == 1 and str(b.dtype) == "float32" for b in line), [b.shape for b in line]
+    if direction in ("l2r", "r2l"):
+        staged = sch.get(sch.get_sblock("tile")).alloc_buffers
+        # u, lam, three logits, gate, skip, and h (turned into y in place by the "gate" block)
+        assert len(staged) == 8, [b.name for b in staged]
+        for buffer in staged:
+            assert int(buffer.shape[0]) == cpu.TILE_LINES, f"{buffer.name}: {list(buffer.shape)}"
+            assert str(buffer.shape[1]).replace(" ", "") == f"H+T.int64({compute.TILE_PAD})", buffer.name
+        sch.get_sblock("gate"), sch.get_sblock("stage_in_8x8"), sch.get_sblock("stage_out_8x8")
+
+
+@pytest.fixture(scope="module")
+def fused_cpu_llvm():
+    """LLVM IR of the float32 CPU fused library, one chunk per function."""
+    source = build.compile_scan("cpu", "float32", "fused").mod.inspect_source("ll")
+    return [chunk for chunk in re.split(r"\n(?=define )", source) if chunk.startswith("define")]
+
+
+def test_fused_cpu_normalization_is_vectorized(fused_cpu_llvm):
+    """Each of the four parallel task bodies normalizes the weights in vector registers: the
+    sigmoid's range reduction (``floor``) and the divisions on vectors, no libm ``exp`` call."""
+    tasks = [chunk for chunk in fused_cpu_llvm if re.match(r"define [^@]*@__tvm_parallel_lambda", chunk)]
+    assert len(tasks) == len(DIRECTIONS), len(tasks)
+    for body in tasks:
+        assert re.search(r"llvm\.floor\.v\d+f32", body), "sigmoid not vectorized"
+        assert re.search(r"fdiv (?:\w+ )*<\d+ x float>", body), "normalization not vectorized"
+        assert re.search(r"store <\d+ x float>", body), "no vector stores"
+        assert not re.search(r"call [^\n]*@expf?\(", body), "a libm exp call per element"
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def fused_cuda_source(request):
+    if NVCC is None:
+        pytest.skip("nvcc not found on PATH: CUDA kernels cannot be compiled here")
+    (device_module,) = build.compile_scan("cuda", request.param, "fused").mod.imports
+    return request.param, device_module.inspect_source("cuda")
+
+
+def test_fused_cuda_kernels_compile_for_sm90(fused_cuda_source, tmp_path):
+    dtype, source = fused_cuda_source
+    kernels_found = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', source)
+    assert set(kernels_found) == {f"{compute.fused_forward_name(d)}_kernel" for d in DIRECTIONS}
+    assert source.count("__syncthreads();") >= len(DIRECTIONS) and "extern __shared__" in source
+    assert "threadIdx.x" in source and cuda.THREADS == 256
+    path = tmp_path / f"gspn_fused_{dtype}.cu"
+    path.write_text(source)
+    result = subprocess.run([NVCC, "-arch=sm_90", "-cubin", "-o", str(tmp_path / "fused.cubin"), str(path)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "fused.cubin").stat().st_size > 0
