@@ -1,8 +1,9 @@
 """torch -> ONNX for models that use ``gspn::scan`` and ``gspn::fused_scan``.
 
 The translation of ``torch.ops.gspn.scan`` emits one ``gspn::GSPNScan`` node per scan, that of
-``torch.ops.gspn.fused_scan`` one ``gspn::GSPNFusedScan`` node per fused scan. The portable forms are derived from that graph by ``export.portable.make_portable``, so the custom and
-the portable model of one export have the same nodes around the scans.
+``torch.ops.gspn.fused_scan`` one ``gspn::GSPNFusedScan`` node per fused scan. The portable forms
+are derived from that graph by ``export.portable.make_portable``, so the custom and the portable
+model of one export have the same nodes around the scans.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .schema import (
 )
 
 MODES = ("custom", "portable", "portable-unrolled")
+ModelShape = tuple[int, int, int, int, int]  # (B, C, G, H, W) of a one-node model
 DEFAULT_OPSET = 20
 
 _GSPN_OPSET = onnxscript.values.Opset(DOMAIN, OP_VERSION)
@@ -140,9 +142,12 @@ def _onnx_elem_type(dtype) -> int:
         raise ValueError(f"dtype: expected float32 or float16; got {dtype!r}") from None
 
 
+_WEIGHT_NAMES = frozenset(INPUT_NAMES[2:] + FUSED_INPUT_NAMES[2:5])  # the (B, G, H, W) inputs
+
+
 def _one_node_model(
     name: str, op_type: str, input_names: tuple[str, ...], output_name: str, direction: str, chunk: int, dtype: Any,
-    mode: str, shape: tuple[int, int, int, int, int] | None, opset: int,
+    mode: str, shape: ModelShape | None, opset: int,
 ) -> onnx.ModelProto:
     """A model of one ``op_type`` node ``name`` whose inputs are (B, C, H, W) data but for the weights
     ``{gl, gm, gr}`` / ``{al, am, ar}`` (B, G, H, W); see :func:`scan_model`."""
@@ -168,18 +173,8 @@ def _one_node_model(
     return model
 
 
-_WEIGHT_NAMES = frozenset(INPUT_NAMES[2:] + FUSED_INPUT_NAMES[2:5])
-
-
-def scan_model(
-    direction: str,
-    chunk: int = 0,
-    dtype: Any = "float32",
-    *,
-    mode: str = "custom",
-    shape: tuple[int, int, int, int, int] | None = None,
-    opset: int = DEFAULT_OPSET,
-) -> onnx.ModelProto:
+def scan_model(direction: str, chunk: int = 0, dtype: Any = "float32", *, mode: str = "custom",
+               shape: ModelShape | None = None, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:  # fmt: skip
     """A model of one scan: inputs ``x, lam`` (B, C, H, W), ``gl, gm, gr`` (B, G, H, W); output h.
 
     ``shape=(B, C, G, H, W)`` fixes the sizes; by default they are symbolic. ``mode`` as in
@@ -188,19 +183,12 @@ def scan_model(
     return _one_node_model("scan", OP_TYPE, INPUT_NAMES, OUTPUT_NAMES[0], direction, chunk, dtype, mode, shape, opset)
 
 
-def fused_scan_model(
-    direction: str,
-    chunk: int = 0,
-    dtype: Any = "float32",
-    *,
-    mode: str = "custom",
-    shape: tuple[int, int, int, int, int] | None = None,
-    opset: int = DEFAULT_OPSET,
-) -> onnx.ModelProto:
+def fused_scan_model(direction: str, chunk: int = 0, dtype: Any = "float32", *, mode: str = "custom",
+                     shape: ModelShape | None = None, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:  # fmt: skip
     """A model of one fused scan: inputs ``u, lam`` (B, C, H, W), ``al, am, ar`` (B, G, H, W)
     logits, ``gate, skip`` (B, C, H, W); output y (B, C, H, W). Arguments as for :func:`scan_model`."""
-    return _one_node_model("fused_scan", FUSED_OP_TYPE, FUSED_INPUT_NAMES, FUSED_OUTPUT_NAMES[0], direction, chunk, dtype,
-                           mode, shape, opset)  # fmt: skip
+    return _one_node_model("fused_scan", FUSED_OP_TYPE, FUSED_INPUT_NAMES, FUSED_OUTPUT_NAMES[0],
+                           direction, chunk, dtype, mode, shape, opset)  # fmt: skip
 
 
 def _feeds(names: tuple[str, ...], values: tuple) -> dict[str, np.ndarray]:

@@ -12,9 +12,9 @@ subgraph that any ONNX runtime runs without the custom-operator library. The sca
        (gl at p = 0 and gr at p = P-1 are zeroed first: they have no neighbour)
     -> back to (B, C, H, W)
 
-The fused scan (u, lam, al, am, ar, gate, skip) runs the same scan on (x, lam) = (u, lam) with weights normalized
-from the logits (sigmoid as 1 / (1 + Exp(-a)); s_l zeroed at p = 0 and s_r at p = P-1; Div by Max(s_l + s_m + s_r,
-1e-7)), then y = h * gate + u * skip.
+The fused scan (u, lam, al, am, ar, gate, skip) runs the same scan on (x, lam) = (u, lam) with
+weights normalized from the logits (sigmoid as 1 / (1 + Exp(-a)); s_l zeroed at p = 0 and s_r at
+p = P-1; Div by Max(s_l + s_m + s_r, 1e-7)), then y = h * gate + u * skip.
 
 Scan is used only with axis 0 and forward direction (flips and transposes around it), which every
 runtime implements, including ``onnx.reference.ReferenceEvaluator``. All arithmetic is float32;
@@ -227,9 +227,11 @@ def _expand_node(
     direction, chunk = _scan_attributes(node)
     n_inputs, emit = _EXPANSIONS[node.op_type]
     if elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
-        raise ValueError(f"{node.name}: input {node.input[0]!r} must be float32 or float16; got {TensorProto.DataType.Name(elem_type)}")
+        type_name = TensorProto.DataType.Name(elem_type)
+        raise ValueError(f"{node.name}: input {node.input[0]!r} must be float32 or float16; got {type_name}")
     if len(node.input) != n_inputs or len(node.output) != 1:
-        raise ValueError(f"{node.name}: expected {n_inputs} inputs and 1 output; got {len(node.input)} and {len(node.output)}")
+        got = f"{len(node.input)} and {len(node.output)}"
+        raise ValueError(f"{node.name}: expected {n_inputs} inputs and 1 output; got {got}")
     e = _Emitter(prefix)
     inputs = list(node.input)
     half = elem_type == TensorProto.FLOAT16
