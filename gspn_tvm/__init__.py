@@ -10,8 +10,8 @@ Usage::
 
 Setting the environment variable ``GSPN_BACKEND=tvm`` before ``import gspn_tvm`` enables the
 kernels at import. ``enable()`` registers kernels for ``"cpu"``, and for ``"cuda"`` when
-``torch.cuda.is_available()``, on both ``gspn::scan`` and ``gspn::scan_backward``; ``gspn_scan_ref``
-always runs the reference.
+``torch.cuda.is_available()``, on ``gspn::scan``, ``gspn::scan_backward``, ``gspn::fused_scan`` and
+``gspn::fused_scan_backward`` (one switch for all four); ``gspn_scan_ref`` always runs the reference.
 
 Compiled libraries are cached on disk (``$GSPN_CACHE_DIR``, default ``~/.cache/gspn/tvm``; see
 :mod:`gspn_tvm.build`). The first use of a dtype on a device compiles its library (a few seconds);
@@ -21,8 +21,8 @@ Layout: :mod:`gspn_tvm.compute` (TensorIR: what is computed), :mod:`gspn_tvm.sch
 schedule per target: how), :mod:`gspn_tvm.build` (compile + cache), :mod:`gspn_tvm.kernels` (the
 torch-facing kernels), :mod:`gspn_tvm.registration` (``enable``/``disable``/``enabled``),
 :mod:`gspn_tvm.isa` (the CPU target, from the features the OS reports). Whole models: :mod:`gspn_tvm.relax_frontend`
-(``compile_model``, ``compile_onnx``: torch.export or ONNX -> TVM Relax, with the scan lowered to
-this package's TensorIR) and :mod:`gspn_tvm.runtime_loader` (runs a saved artifact with the TVM
+(``compile_model``, ``compile_onnx``: torch.export or ONNX -> TVM Relax, with the scan and the
+fused scan lowered to this package's TensorIR) and :mod:`gspn_tvm.runtime_loader` (runs a saved artifact with the TVM
 runtime alone). Names are imported lazily, so ``gspn_tvm.runtime_loader`` loads neither torch nor
 the TVM compiler.
 """
