@@ -22,17 +22,8 @@ from onnx import TensorProto, helper
 from gspn_ref.shapes import export_dynamic_shapes
 
 from .portable import make_portable
-from .schema import (
-    DOMAIN,
-    FUSED_INPUT_NAMES,
-    FUSED_OP_TYPE,
-    FUSED_OUTPUT_NAMES,
-    INPUT_NAMES,
-    OP_TYPE,
-    OP_VERSION,
-    OUTPUT_NAMES,
-    register_onnx_schema,
-)
+from .schema import (DOMAIN, FUSED_INPUT_NAMES, FUSED_OP_TYPE, FUSED_OUTPUT_NAMES, INPUT_NAMES, OP_TYPE,
+                     OP_VERSION, OUTPUT_NAMES, register_onnx_schema)  # fmt: skip
 
 MODES = ("custom", "portable", "portable-unrolled")
 ModelShape = tuple[int, int, int, int, int]  # (B, C, G, H, W) of a one-node model
