@@ -31,8 +31,10 @@ def normalize_weights(al: torch.Tensor, am: torch.Tensor, ar: torch.Tensor, dire
     n = al.shape[axis]
     pos = torch.arange(n, device=al.device)
     shape = (n, 1) if axis == -2 else (n,)
-    s_l = s_l * (pos > 0).reshape(shape).to(acc)
-    s_r = s_r * (pos < n - 1).reshape(shape).to(acc)
+    zero = torch.zeros((), dtype=acc, device=al.device)
+    # where, not a product with the mask: a weight outside the line is 0 even if its logit is NaN.
+    s_l = torch.where((pos > 0).reshape(shape), s_l, zero)
+    s_r = torch.where((pos < n - 1).reshape(shape), s_r, zero)
     total = torch.clamp(s_l + s_m + s_r, min=NORMALIZATION_FLOOR)
     return tuple((s / total).to(al.dtype) for s in (s_l, s_m, s_r))
 
@@ -51,12 +53,12 @@ def normalize_weights_backward(dgl, dgm, dgr, al, am, ar, direction: str):
     n = al.shape[axis]
     pos = torch.arange(n, device=al.device)
     shape = (n, 1) if axis == -2 else (n,)
-    masks = [(pos > 0).reshape(shape).to(acc), torch.ones((), dtype=acc, device=al.device),
-             (pos < n - 1).reshape(shape).to(acc)]  # fmt: skip
-    s = [sg * m for sg, m in zip(sig, masks)]
+    inside = [(pos > 0).reshape(shape), torch.ones((), dtype=torch.bool, device=al.device), (pos < n - 1).reshape(shape)]
+    zero = torch.zeros((), dtype=acc, device=al.device)
+    s = [torch.where(m, sg, zero) for sg, m in zip(sig, inside)]
     total = s[0] + s[1] + s[2]
     t = torch.clamp(total, min=NORMALIZATION_FLOOR)
     dg = [d.to(acc) for d in (dgl, dgm, dgr)]
     g = [sk / t for sk in s]
     dot = (dg[0] * g[0] + dg[1] * g[1] + dg[2] * g[2]) * (total > NORMALIZATION_FLOOR).to(acc)
-    return tuple(((d - dot) / t * m * sg * (1 - sg)).to(al.dtype) for d, m, sg in zip(dg, masks, sig))
+    return tuple(torch.where(m, (d - dot) / t * sg * (1 - sg), zero).to(al.dtype) for d, m, sg in zip(dg, inside, sig))

@@ -247,12 +247,14 @@ GSPN_NO_TRAPPING_MATH void NormalizeRange(const float* al, const float* am, cons
                                           int64_t count, int64_t length) {
   GSPN_ELEMENTWISE_LOOP
   for (int64_t p = 0; p < count; ++p) {
-    const float left_mask = first + p > 0 ? 1.0f : 0.0f;
-    const float right_mask = first + p < length - 1 ? 1.0f : 0.0f;
+    const bool has_left = first + p > 0, has_right = first + p < length - 1;
+    const float left_mask = has_left ? 1.0f : 0.0f;
+    const float right_mask = has_right ? 1.0f : 0.0f;
+    // A logit outside the line is never read: NaN there must not reach the common denominator.
     float num_l, den_l, num_m, den_m, num_r, den_r;
-    SigmoidFraction(al[p], &num_l, &den_l);
+    SigmoidFraction(has_left ? al[p] : 0.0f, &num_l, &den_l);
     SigmoidFraction(am[p], &num_m, &den_m);
-    SigmoidFraction(ar[p], &num_r, &den_r);
+    SigmoidFraction(has_right ? ar[p] : 0.0f, &num_r, &den_r);
     const float wl = num_l * left_mask * (den_m * den_r);
     const float wm = num_m * (den_l * den_r);
     const float wr = num_r * right_mask * (den_l * den_m);

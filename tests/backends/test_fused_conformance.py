@@ -4,8 +4,9 @@ is differentiable, and its dtypes; the same properties run over all of them, thr
 API ``gspn_ref.testing`` (``assert_fused_scan_matches``, ``check_fused_case``).
 
 Backends: the reference, the operator ``torch.ops.gspn.fused_scan`` (whatever kernel is registered),
-the ONNX Runtime custom operator ``gspn::GSPNFusedScan``, and the portable ONNX form (Scan loop and
-unrolled) in ONNX Runtime and in ``onnx.reference``.
+the TVM CPU kernels (and CUDA kernels, with a GPU), the ONNX Runtime custom operator
+``gspn::GSPNFusedScan``, the portable ONNX form (Scan loop and unrolled) in ONNX Runtime and in
+``onnx.reference``, and TVM's ONNX importer (``gspn_tvm.compile_onnx``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 import export
+import gspn_tvm
 from gspn_ref import gspn_fused_scan_ref, line_count
 from gspn_ref.testing import (
     ScanCase,
@@ -88,6 +90,35 @@ def _onnx_reference(direction, chunk, dtype):
     return lambda feeds: evaluator.run(None, feeds)[0]
 
 
+class _TvmAutograd(torch.autograd.Function):
+    """The fused operator with TVM kernels for forward and adjoint (enabled only inside the calls)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *tensors, direction, chunk = args
+        with gspn_tvm.enabled():
+            y = torch.ops.gspn.fused_scan(*tensors, direction, chunk)
+        ctx.save_for_backward(*tensors)
+        ctx.scan = (direction, chunk)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        with gspn_tvm.enabled():
+            grads = torch.ops.gspn.fused_scan_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.scan)
+        return (*grads, None, None)
+
+
+def _tvm_differentiable(u, lam, al, am, ar, gate, skip, direction, chunk):
+    return _TvmAutograd.apply(u, lam, al, am, ar, gate, skip, direction, chunk)
+
+
+@functools.lru_cache(maxsize=None)
+def _tvm_onnx_import(direction, chunk, dtype):
+    compiled = gspn_tvm.compile_onnx(export.fused_scan_model(direction, chunk, dtype))
+    return lambda feeds: compiled(*(torch.from_numpy(a) for a in feeds.values())).numpy()
+
+
 HALF = (torch.float32, torch.float16, torch.bfloat16)
 
 BACKENDS = [
@@ -98,7 +129,9 @@ BACKENDS = [
     Backend("ort-portable-unrolled", _numpy_to_torch(_ort_portable_unrolled, static_shape=True), False,
             (torch.float32, torch.float16), max_examples=8),  # fmt: skip
     Backend("onnx-reference", _numpy_to_torch(_onnx_reference), False, (torch.float32,), max_examples=8),
-    # ---- TVM backends (gspn_tvm's fused kernels, its Relax emitter and ONNX importer) go here. ----
+    Backend("tvm-cpu", _tvm_differentiable, True, HALF),
+    Backend("tvm-cuda", _tvm_differentiable, True, HALF, device="cuda"),
+    Backend("tvm-onnx-import", _numpy_to_torch(_tvm_onnx_import), False, (torch.float32,), max_examples=6),
 ]
 
 
@@ -165,19 +198,22 @@ def test_constant_propagation(backend, direction, chunk):
 
 def test_out_of_line_logits_are_never_read(backend):
     """A logit whose neighbour lies outside the line (al at p = 0, ar at p = P-1) contributes
-    nothing, even +inf or -inf: the result equals the reference on the original finite logits."""
-    case = ScanCase(1, 2, 2, 5, 6, "t2b", 0)
+    nothing, even NaN, +inf or -inf: the result equals the reference on the original finite logits."""
     dtype = backend.dtypes[0]
-    for direction in ("t2b", "r2l"):
-        u, lam, al, am, ar, gate, skip = fused_inputs(case, dtype, seed=2)
-        expected = gspn_fused_scan_ref(*(t.double() for t in (u, lam, al, am, ar, gate, skip)), direction, 0)
-        first = (..., 0, slice(None)) if direction in ("l2r", "r2l") else (..., slice(None), 0)
-        last = (..., -1, slice(None)) if direction in ("l2r", "r2l") else (..., slice(None), -1)
-        al, ar = al.clone(), ar.clone()
-        al[first], ar[last] = float("inf"), float("-inf")
-        with torch.no_grad():
-            y = backend.forward(u, lam, al, am, ar, gate, skip, direction, 0)
-        assert_close_scaled(y, expected, dtype, case.n_lines, f"{backend.name} {direction} with inf off the line")
+    nan, inf = float("nan"), float("inf")
+    for direction in ("t2b", "b2t", "l2r", "r2l"):
+        case = ScanCase(1, 2, 2, 5, 6, direction, 0)
+        for bad_l, bad_r in ((nan, inf), (-inf, nan)):
+            u, lam, al, am, ar, gate, skip = fused_inputs(case, dtype, seed=2)
+            expected = gspn_fused_scan_ref(*(t.double() for t in (u, lam, al, am, ar, gate, skip)), direction, 0)
+            first = (..., 0, slice(None)) if direction in ("l2r", "r2l") else (..., slice(None), 0)
+            last = (..., -1, slice(None)) if direction in ("l2r", "r2l") else (..., slice(None), -1)
+            al, ar = al.clone(), ar.clone()
+            al[first], ar[last] = bad_l, bad_r
+            with torch.no_grad():
+                y = backend.forward(u, lam, al, am, ar, gate, skip, direction, 0)
+            what = f"{backend.name} {direction} with {bad_l}, {bad_r} off the line"
+            assert_close_scaled(y, expected, dtype, case.n_lines, what)
 
 
 @pytest.mark.parametrize("direction", ["b2t", "l2r"])

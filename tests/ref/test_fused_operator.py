@@ -146,3 +146,20 @@ def test_public_property_check_catches_a_wrong_kernel():
 
     with pytest.raises(AssertionError, match="y|d"):
         assert_fused_scan_matches(unmasked, backward=False, max_examples=25)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_logits_of_weights_outside_the_line_are_never_read(direction):
+    """al at p = 0 and ar at p = P-1 point outside the line: NaN or inf there changes nothing."""
+    case = ScanCase(1, 2, 2, 5, 4, direction, 0)
+    u, lam, al, am, ar, gate, skip = fused_inputs(case, torch.float32, seed=8)
+    expected = oracle(u, lam, al, am, ar, gate, skip, direction, 0)
+    first, last = ((..., 0, slice(None)), (..., -1, slice(None))) if direction in ("l2r", "r2l") else ((..., 0), (..., -1))
+    al, ar = al.clone(), ar.clone()
+    al[first], ar[last] = float("nan"), float("inf")
+    leaves = [t.requires_grad_() for t in (u, lam, al, am, ar, gate, skip)]
+    y = gspn_fused_scan(*leaves, direction, 0)
+    assert_close_scaled(y, expected, torch.float32, case.n_lines)
+    y.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    assert torch.equal(al.grad[first], torch.zeros_like(al.grad[first]))
