@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.gspn-installed
 # Exact versions (constraints.txt); torch first, so that the CPU build on disk is the one taken.
 PIN    := -c constraints.txt
 export HYPOTHESIS_PROFILE ?= ci
+# Test workers (pytest-xdist): auto = one per CPU this process may use, none on one CPU (see
+# tests/conftest.py); `make test TEST_WORKERS=0` runs in one process, as without xdist.
+TEST_WORKERS ?= auto
 
 .PHONY: setup ortops demo test bench clean
 
@@ -26,8 +29,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: setup
 	$(VENV)/bin/gspn demo --out out
 
+# loadgroup: tests that share a module's fixtures stay on one worker; no reorder: the slowest go first.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 bench: setup
 	$(VENV)/bin/gspn bench --json out/bench.json

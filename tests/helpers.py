@@ -3,6 +3,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from gspn_ref import is_column, is_reversed, line_count
@@ -72,3 +79,91 @@ def poison_unread_weights(gl, gm, gr, direction, chunk, poison=float("inf")):
     poisoned = tuple(w.masked_fill(m, poison) for w, m in zip((gl, gm, gr), masks))
     zeroed = tuple(w.masked_fill(m, 0) for w, m in zip((gl, gm, gr), masks))
     return poisoned, zeroed, first, last, starts
+
+
+# ---- ONNX models and feeds for the error and fuzz tests of the custom operator -------------------
+# (onnx and export are imported inside: the reference tests import this module too.)
+
+SCAN_INPUT_NAMES = ("x", "lam", "gl", "gm", "gr")
+
+
+def shape_free_scan_model(direction: str = "t2b", chunk: int = 0, elem: int | None = None):
+    """``export.scan_model`` with no declared input or output shapes, so that only the kernel checks
+    them; ``elem`` (an ``onnx.TensorProto`` element type, default FLOAT) is declared on every one."""
+    import onnx
+
+    import export
+
+    elem = onnx.TensorProto.FLOAT if elem is None else elem
+    model = export.scan_model(direction, chunk, "float16" if elem == onnx.TensorProto.FLOAT16 else "float32")
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.ClearField("shape")
+        value.type.tensor_type.elem_type = elem
+    return model
+
+
+def with_attributes(model, **attributes):
+    """A copy of a scan model with the node's attributes replaced: None removes one, an
+    ``onnx.AttributeProto`` is used as it is, any other value goes through ``make_attribute``."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name not in attributes]
+    node.ClearField("attribute")
+    node.attribute.extend(kept)
+    for name, value in attributes.items():
+        if isinstance(value, onnx.AttributeProto):
+            node.attribute.append(value)
+        elif value is not None:
+            node.attribute.append(onnx.helper.make_attribute(name, value))
+    return model
+
+
+def scan_feeds_of(B=2, C=4, G=2, H=5, W=6, dtype=np.float32, seed=0, direction="t2b") -> dict[str, np.ndarray]:
+    """ONNX feeds ``{x, lam, gl, gm, gr}`` of ``dtype`` (a numpy type): valid inputs drawn in float64."""
+    tensors = make_scan_inputs(B, C, G, H, W, torch.float64, seed=seed, direction=direction)
+    return {name: t.numpy().astype(dtype) for name, t in zip(SCAN_INPUT_NAMES, tensors)}
+
+
+# ---- a saved TVM artifact run with the TVM runtime alone (no torch, no compiler) -----------------
+
+RUNTIME_LOADER_FILE = Path(__file__).resolve().parents[1] / "gspn_tvm" / "runtime_loader.py"
+RUNTIME_ONLY_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, sys
+    sys.modules["torch"] = None  # as if torch were not installed: any import of it fails
+    import numpy as np
+    import tvm
+    assert tvm.base._RUNTIME_ONLY and "tvm_compiler" not in tvm.base._LOADED_LIBS, tvm.base._LOADED_LIBS
+    spec = importlib.util.spec_from_file_location("runtime_loader", sys.argv[1])
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    model = loader.load_artifact(sys.argv[2])
+    for i, path in enumerate(sys.argv[4:]):
+        np.save(f"{sys.argv[3]}/out_{i}.npy", model.run(np.load(path)))
+    try:
+        model.run(np.zeros((2, 5, 8, 8), np.float32))
+    except ValueError as error:
+        print("rejected:", error)
+    assert not any(name == "torch" or name.startswith("torch.") for name, m in sys.modules.items() if m is not None)
+    """
+)
+
+
+def run_artifact_runtime_only(artifact: Path, inputs: list[np.ndarray], folder: Path) -> tuple[list[np.ndarray], str]:
+    """Run the saved artifact on each of ``inputs`` in a fresh process that loads only the TVM runtime
+    (``TVM_USE_RUNTIME_LIB=1``) and the loader file, with torch made unimportable; it also feeds a
+    (2, 5, 8, 8) float32 input and prints the ``ValueError`` it gets. Returns (outputs, stdout)."""
+    paths = []
+    for i, x in enumerate(inputs):
+        paths.append(folder / f"in_{i}.npy")
+        np.save(paths[-1], x)
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", RUNTIME_ONLY_SCRIPT, str(RUNTIME_LOADER_FILE), str(artifact), str(folder),
+         *map(str, paths)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [np.load(folder / f"out_{i}.npy") for i in range(len(inputs))], result.stdout

@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +35,9 @@ import export
 import gspn_tvm
 from gspn_ref.models import from_official_config
 from gspn_ref.testing import official_network_state, official_network_vectors
+from helpers import run_artifact_runtime_only
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # official_gspn_archs.json
-LOADER_FILE = Path(__file__).resolve().parents[2] / "gspn_tvm" / "runtime_loader.py"
 EXPORT_SIZE, OTHER_SIZE = 64, 48  # the vectors' size; another square size (maps 12, 6, 3, 2)
 ORIGINAL_LOGITS_ATOL = 1e-4  # OFFICIAL_MODEL.md section 12: a float32 port on the original's logits
 MARGIN = 10  # a backend's error may be 10x the float32 reference's own (section 12)
@@ -244,31 +240,8 @@ def test_relax_from_onnx(onnx_custom, inputs, reference, vectors):
     assert_agrees(compiled(x), EXPORT_SIZE, reference, "Relax (ONNX)", vectors)
 
 
-RUNTIME_ONLY_SCRIPT = textwrap.dedent(
-    """
-    import importlib.util, sys
-    sys.modules["torch"] = None  # as if torch were not installed: any import of it fails
-    import numpy as np
-    import tvm
-    assert tvm.base._RUNTIME_ONLY and "tvm_compiler" not in tvm.base._LOADED_LIBS, tvm.base._LOADED_LIBS
-    spec = importlib.util.spec_from_file_location("runtime_loader", sys.argv[1])
-    loader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loader)
-    model = loader.load_artifact(sys.argv[2])
-    np.save(sys.argv[4], model.run(np.load(sys.argv[3])))
-    """
-)
-
-
 def test_saved_relax_artifact_runs_with_the_tvm_runtime_alone(relax_from_torch, inputs, reference, vectors, tmp_path):
     artifact = relax_from_torch.save(tmp_path / "tiny16")
-    x = inputs[EXPORT_SIZE]
-    np.save(tmp_path / "input.npy", x.numpy())
-    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", RUNTIME_ONLY_SCRIPT, str(LOADER_FILE), str(artifact), str(tmp_path / "input.npy"),
-         str(tmp_path / "logits.npy")],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_agrees(np.load(tmp_path / "logits.npy"), EXPORT_SIZE, reference, "Relax artifact, runtime only", vectors)
+    (logits,), stdout = run_artifact_runtime_only(artifact, [inputs[EXPORT_SIZE].numpy()], tmp_path)
+    assert "rejected: x: " in stdout, stdout  # a wrong input is refused naming the argument
+    assert_agrees(logits, EXPORT_SIZE, reference, "Relax artifact, runtime only", vectors)

@@ -37,9 +37,14 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import export  # noqa: E402
 import gspn_ref  # noqa: E402
-from helpers import make_scan_inputs, scan_tolerance  # noqa: E402
+from helpers import (  # noqa: E402
+    SCAN_INPUT_NAMES,
+    scan_feeds_of,
+    scan_tolerance,
+    shape_free_scan_model,
+    with_attributes,
+)
 
-INPUT_NAMES = ("x", "lam", "gl", "gm", "gr")
 CASE_TIMEOUT_S = 60.0
 
 # The worker: reads length-prefixed pickled (name, model bytes, feeds) from stdin, writes a
@@ -152,30 +157,6 @@ class Case:
     words: list[str] = field(default_factory=list)
 
 
-def free_model(direction="t2b", chunk=0, elem=TensorProto.FLOAT) -> onnx.ModelProto:
-    """A scan model whose inputs have no declared shape (only the kernel checks shapes)."""
-    model = export.scan_model(direction, chunk, "float16" if elem == TensorProto.FLOAT16 else "float32")
-    for value in list(model.graph.input) + list(model.graph.output):
-        value.type.tensor_type.ClearField("shape")
-        value.type.tensor_type.elem_type = elem
-    return model
-
-
-def with_attributes(model: onnx.ModelProto, **attributes) -> onnx.ModelProto:
-    """A copy with the node's attributes replaced; None removes one, an AttributeProto is used as is."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    node = model.graph.node[0]
-    kept = [a for a in node.attribute if a.name not in attributes]
-    node.ClearField("attribute")
-    node.attribute.extend(kept)
-    for name, value in attributes.items():
-        if isinstance(value, onnx.AttributeProto):
-            node.attribute.append(value)
-        elif value is not None:
-            node.attribute.append(helper.make_attribute(name, value))
-    return model
-
-
 def raw_attribute(name: str, kind: int, **fields) -> onnx.AttributeProto:
     attribute = onnx.AttributeProto(name=name, type=kind)
     for key, value in fields.items():
@@ -187,14 +168,9 @@ def raw_attribute(name: str, kind: int, **fields) -> onnx.AttributeProto:
     return attribute
 
 
-def feeds_of(B=2, C=4, G=2, H=5, W=6, dtype=np.float32, seed=0, direction="t2b") -> dict[str, np.ndarray]:
-    tensors = make_scan_inputs(B, C, G, H, W, torch.float64, seed=seed, direction=direction)
-    return {name: t.numpy().astype(dtype) for name, t in zip(INPUT_NAMES, tensors)}
-
-
 def attribute_cases() -> list[Case]:
     cases: list[Case] = []
-    base, feeds = free_model("t2b", 0), feeds_of(H=9)
+    base, feeds = shape_free_scan_model("t2b", 0), scan_feeds_of(H=9)
     for chunk in (0, 1, 2, 4, 8, 9, 2**31 - 1, 2**31, 2**32 + 1, 2**40, 2**62, 2**63 - 1):
         cases.append(Case(f"chunk={chunk}", with_attributes(base, chunk=chunk), feeds, ("t2b", chunk)))
     for chunk in (-1, -2, -(2**31), -(2**32) + 1, -(2**40), -(2**63)):
@@ -228,7 +204,7 @@ def attribute_cases() -> list[Case]:
     for direction in gspn_ref.DIRECTIONS:
         for chunk in (0, 3):
             model = with_attributes(base, direction=direction, chunk=chunk)
-            cases.append(Case(f"direction={direction},chunk={chunk}", model, feeds_of(H=9, W=7, direction=direction), (direction, chunk)))
+            cases.append(Case(f"direction={direction},chunk={chunk}", model, scan_feeds_of(H=9, W=7, direction=direction), (direction, chunk)))
     wrong_directions = {
         "'t2b\\0junk'": "t2b\0junk", "'t2b\\0'": b"t2b\0", "'l2r\\0r2l'": "l2r\0r2l", "'T2B'": "T2B",
         "''": "", "'t2b '": "t2b ", "' t2b'": " t2b", "'t2'": "t2", "'t2bb'": "t2bb", "'up'": "up",
@@ -252,11 +228,11 @@ def attribute_cases() -> list[Case]:
 def structure_cases() -> list[Case]:
     """Wrong input and output counts, omitted inputs, declared element types."""
     cases: list[Case] = []
-    feeds = feeds_of()
+    feeds = scan_feeds_of()
     for count in (0, 1, 2, 3, 4, 6, 7, 10):
-        model = free_model()
+        model = shape_free_scan_model()
         node = model.graph.node[0]
-        names = [INPUT_NAMES[i % 5] for i in range(count)]
+        names = [SCAN_INPUT_NAMES[i % 5] for i in range(count)]
         del node.input[:]
         node.input.extend(names)
         kept = [v for v in model.graph.input if v.name in names]
@@ -264,8 +240,8 @@ def structure_cases() -> list[Case]:
         model.graph.input.extend(kept)
         cases.append(Case(f"{count}-inputs", model, {k: v for k, v in feeds.items() if k in names},
                           words=["GSPNScan", f"input size {count}"]))  # fmt: skip
-    for position, name in enumerate(INPUT_NAMES):
-        model = free_model()
+    for position, name in enumerate(SCAN_INPUT_NAMES):
+        model = shape_free_scan_model()
         model.graph.node[0].input[position] = ""
         kept = [v for v in model.graph.input if v.name != name]
         del model.graph.input[:]
@@ -273,7 +249,7 @@ def structure_cases() -> list[Case]:
         cases.append(Case(f"omitted-{name}", model, {k: v for k, v in feeds.items() if k != name},
                           words=[f"input {position}", "empty"]))  # fmt: skip
     for count in (0, 2):
-        model = free_model()
+        model = shape_free_scan_model()
         node = model.graph.node[0]
         del node.output[:]
         del model.graph.output[:]
@@ -288,24 +264,24 @@ def structure_cases() -> list[Case]:
         type_name = TensorProto.DataType.Name(elem).lower()
         if dtype is not None:
             cast = {k: v.astype(dtype) for k, v in feeds.items()}
-            cases.append(Case(f"all-{type_name}", free_model(elem=elem), cast, words=["(x)", "GSPNScan"]))
-        for position, name in enumerate(INPUT_NAMES[1:], start=1):
-            model = free_model()
+            cases.append(Case(f"all-{type_name}", shape_free_scan_model(elem=elem), cast, words=["(x)", "GSPNScan"]))
+        for position, name in enumerate(SCAN_INPUT_NAMES[1:], start=1):
+            model = shape_free_scan_model()
             model.graph.input[position].type.tensor_type.elem_type = elem
             cast = dict(feeds)
             if dtype is not None:
                 cast[name] = feeds[name].astype(dtype)
             cases.append(Case(f"declared-{name}-{type_name}", model, cast, words=[f"({name})", "GSPNScan"]))
-    for name in INPUT_NAMES[1:]:  # with declared shapes, ONNX Runtime's type inference refuses it
+    for name in SCAN_INPUT_NAMES[1:]:  # with declared shapes, ONNX Runtime's type inference refuses it
         model = export.scan_model("t2b", 0)
-        model.graph.input[INPUT_NAMES.index(name)].type.tensor_type.elem_type = TensorProto.FLOAT16
+        model.graph.input[SCAN_INPUT_NAMES.index(name)].type.tensor_type.elem_type = TensorProto.FLOAT16
         cases.append(Case(f"shaped-declared-{name}-float16", model, {**feeds, name: feeds[name].astype(np.float16)},
                           words=["GSPNScan", "no kernel def matches"]))  # fmt: skip
-    for name in INPUT_NAMES:  # the model says float32, the feed is something else
+    for name in SCAN_INPUT_NAMES:  # the model says float32, the feed is something else
         for dtype in (np.float64, np.float16, np.int32):
-            cases.append(Case(f"fed-{name}-{np.dtype(dtype).name}", free_model(),
+            cases.append(Case(f"fed-{name}-{np.dtype(dtype).name}", shape_free_scan_model(),
                               {**feeds, name: feeds[name].astype(dtype)}, words=["input data type"]))  # fmt: skip
-    half = free_model(elem=TensorProto.FLOAT16)
+    half = shape_free_scan_model(elem=TensorProto.FLOAT16)
     cases.append(Case("float16-fed-float32", half, feeds, words=["input data type"]))
     return cases
 
@@ -315,13 +291,13 @@ def shape_cases() -> list[Case]:
     cases: list[Case] = []
     for direction, elem, dtype in (("t2b", TensorProto.FLOAT, np.float32), ("l2r", TensorProto.FLOAT, np.float32),
                                    ("b2t", TensorProto.FLOAT16, np.float16), ("r2l", TensorProto.FLOAT16, np.float16)):  # fmt: skip
-        model, tag = free_model(direction, 2, elem), f"{direction}-{np.dtype(dtype).name}"
-        good = feeds_of(dtype=dtype, direction=direction)
+        model, tag = shape_free_scan_model(direction, 2, elem), f"{direction}-{np.dtype(dtype).name}"
+        good = scan_feeds_of(dtype=dtype, direction=direction)
 
         def bad(what, words, **changes):
             cases.append(Case(f"{tag}-{what}", model, {**good, **changes}, words=words))
 
-        for name in INPUT_NAMES:
+        for name in SCAN_INPUT_NAMES:
             for rank in (0, 1, 2, 3, 5, 6):
                 shape = (good[name].shape + (1, 1))[:rank] if rank <= 6 else ()
                 bad(f"{name}-rank{rank}", [f"'{name}'", f"rank {rank}"], **{name: np.ones(shape, dtype)})
@@ -344,11 +320,11 @@ def shape_cases() -> list[Case]:
                                      for a, s in enumerate(v.shape)), dtype) for k, v in good.items()}  # fmt: skip
             bad(f"{dim}=0", ["'x'", "empty"], **zero)
         bad("gl-H=0", ["'gl'", "empty"], gl=np.ones((2, 2, 0, 6), dtype))
-        bad("all-empty-rank4", ["'x'", "empty"], **{k: np.ones((0, 0, 0, 0), dtype) for k in INPUT_NAMES})
+        bad("all-empty-rank4", ["'x'", "empty"], **{k: np.ones((0, 0, 0, 0), dtype) for k in SCAN_INPUT_NAMES})
     # Values at the edge: an infinite weight on a neighbour outside the line must not leak in
     # (SPEC section 2), NaN in x propagates exactly as in the reference.
     for direction in gspn_ref.DIRECTIONS:
-        feeds = feeds_of(direction=direction, H=7, W=8)
+        feeds = scan_feeds_of(direction=direction, H=7, W=8)
         column = gspn_ref.is_column(direction)
         for name, edge in (("gl", 0), ("gr", -1)):
             poisoned = feeds[name].copy()
@@ -356,11 +332,11 @@ def shape_cases() -> list[Case]:
                 poisoned[:, :, edge, :] = np.inf
             else:
                 poisoned[:, :, :, edge] = np.inf
-            cases.append(Case(f"{direction}-inf-{name}-outside-line", free_model(direction, 3),
+            cases.append(Case(f"{direction}-inf-{name}-outside-line", shape_free_scan_model(direction, 3),
                               {**feeds, name: poisoned}, (direction, 3)))  # fmt: skip
         nan_x = feeds["x"].copy()
         nan_x[0, 1, 3, 4] = np.nan
-        cases.append(Case(f"{direction}-nan-x", free_model(direction, 0), {**feeds, "x": nan_x}, (direction, 0)))
+        cases.append(Case(f"{direction}-nan-x", shape_free_scan_model(direction, 0), {**feeds, "x": nan_x}, (direction, 0)))
     return cases
 
 
@@ -374,7 +350,7 @@ ORT_ERROR_MODULE = "onnxruntime.capi.onnxruntime_pybind11_state."
 
 
 def reference_output(feeds, direction, chunk) -> np.ndarray:
-    tensors = [torch.from_numpy(feeds[name]) for name in INPUT_NAMES]
+    tensors = [torch.from_numpy(feeds[name]) for name in SCAN_INPUT_NAMES]
     return gspn_ref.gspn_scan_ref(*tensors, direction=direction, chunk=chunk).numpy()
 
 
@@ -452,8 +428,8 @@ def valid_cases(draw):
     direction = draw(st.sampled_from(gspn_ref.DIRECTIONS))
     chunk = draw(CHUNKS)
     half = draw(st.booleans())
-    feeds = feeds_of(B, C, G, H, W, np.float16 if half else np.float32, seed=draw(st.integers(0, 3)), direction=direction)
-    model = free_model(direction, chunk, TensorProto.FLOAT16 if half else TensorProto.FLOAT)
+    feeds = scan_feeds_of(B, C, G, H, W, np.float16 if half else np.float32, seed=draw(st.integers(0, 3)), direction=direction)
+    model = shape_free_scan_model(direction, chunk, TensorProto.FLOAT16 if half else TensorProto.FLOAT)
     return Case(f"valid {(B, C, G, H, W)} {direction} chunk={chunk} half={half}", model, feeds, (direction, chunk))
 
 
@@ -462,8 +438,8 @@ def mutated_cases(draw):
     """A valid shape with one input's shape changed (one dimension resized, or a rank change)."""
     G = draw(st.integers(1, 3))
     B, C, H, W = draw(st.integers(1, 2)), G * draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
-    feeds = feeds_of(B, C, G, H, W)
-    name = draw(st.sampled_from(INPUT_NAMES))
+    feeds = scan_feeds_of(B, C, G, H, W)
+    name = draw(st.sampled_from(SCAN_INPUT_NAMES))
     shape = list(feeds[name].shape)
     if draw(st.booleans()):
         axis = draw(st.integers(0, 3))
@@ -473,7 +449,7 @@ def mutated_cases(draw):
         shape = draw(st.sampled_from([shape[:3], shape[1:], shape + [1], [1] + shape, []]))
     feeds[name] = np.ones(shape, np.float32)
     direction = draw(st.sampled_from(gspn_ref.DIRECTIONS))
-    return Case(f"{name} shape {tuple(shape)} for {(B, C, G, H, W)} {direction}", free_model(direction, 2), feeds,
+    return Case(f"{name} shape {tuple(shape)} for {(B, C, G, H, W)} {direction}", shape_free_scan_model(direction, 2), feeds,
                 words=[f"'{name}'", "GSPNScan"])  # fmt: skip
 
 

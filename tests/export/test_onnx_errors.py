@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import (
     Fail,
     InvalidArgument,
@@ -20,7 +19,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
 )
 
 import export
-from helpers import make_scan_inputs
+from helpers import scan_feeds_of, shape_free_scan_model, with_attributes
 
 # What ONNX Runtime raises: InvalidArgument for a kernel's (or its own input check's) invalid
 # argument status at run time, RuntimeException for a kernel that refuses its node when the
@@ -28,26 +27,9 @@ from helpers import make_scan_inputs
 # for element types no kernel of the library accepts.
 
 
-def feeds_for(B=2, C=4, G=2, H=5, W=6, dtype=torch.float32):
-    return export.scan_feeds(*make_scan_inputs(B, C, G, H, W, dtype))
-
-
-def with_attributes(model: onnx.ModelProto, **attributes) -> onnx.ModelProto:
-    """A copy of a scan_model with the node's attributes replaced (None removes one)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    node = model.graph.node[0]
-    kept = [a for a in node.attribute if a.name not in attributes]
-    node.ClearField("attribute")
-    node.attribute.extend(kept)
-    for name, value in attributes.items():
-        if value is not None:
-            node.attribute.append(onnx.helper.make_attribute(name, value))
-    return model
-
-
 def bad_feeds():
     """(what, feeds, words the error message must contain)."""
-    good = feeds_for()
+    good = scan_feeds_of()
     cases = []
 
     def case(what, words, **changes):
@@ -66,21 +48,14 @@ def bad_feeds():
     return cases
 
 
-def without_input_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its graph inputs' shapes erased, so that only the kernel checks them."""
-    for value in model.graph.input:
-        value.type.tensor_type.ClearField("shape")
-    return model
-
-
 @pytest.fixture(scope="module")
 def t2b_session():
-    return export.session(without_input_shapes(export.scan_model("t2b", 0)))
+    return export.session(shape_free_scan_model("t2b", 0))
 
 
 def test_declared_ranks_are_checked_by_onnxruntime_too():
     with pytest.raises(InvalidArgument, match="Invalid rank for input: x Got: 3 Expected: 4"):
-        export.session(export.scan_model("t2b", 0)).run(None, {**feeds_for(), "x": feeds_for()["x"][0]})
+        export.session(export.scan_model("t2b", 0)).run(None, {**scan_feeds_of(), "x": scan_feeds_of()["x"][0]})
 
 
 @pytest.mark.parametrize("feeds, words", bad_feeds())
@@ -96,15 +71,15 @@ def test_bad_inputs_at_run_time_are_errors_naming_the_argument(t2b_session, feed
 def test_session_still_works_after_errors(t2b_session):
     for _ in range(2):
         with pytest.raises(InvalidArgument, match=r"input 'lam' must have the shape of 'x' \(2, 4, 5, 6\)"):
-            t2b_session.run(None, {**feeds_for(), "lam": np.zeros((1, 1, 1, 1), np.float32)})
-    out = t2b_session.run(None, feeds_for())[0]
+            t2b_session.run(None, {**scan_feeds_of(), "lam": np.zeros((1, 1, 1, 1), np.float32)})
+    out = t2b_session.run(None, scan_feeds_of())[0]
     assert out.shape == (2, 4, 5, 6) and np.isfinite(out).all()
 
 
 def test_mixed_element_types_are_rejected():
-    session = export.session(without_input_shapes(export.scan_model("l2r", 0)))
+    session = export.session(shape_free_scan_model("l2r", 0))
     with pytest.raises(InvalidArgument, match="Unexpected input data type"):
-        session.run(None, {**feeds_for(), "lam": feeds_for()["lam"].astype(np.float16)})
+        session.run(None, {**scan_feeds_of(), "lam": scan_feeds_of()["lam"].astype(np.float16)})
     # A model whose declared input types differ is refused when the session is created.
     model = export.scan_model("l2r", 0)
     model.graph.input[1].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16

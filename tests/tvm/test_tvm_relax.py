@@ -7,15 +7,8 @@ reduced channel, relative to the output scale.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import logging
 
-import numpy as np
 import pytest
 import torch
 import tvm
@@ -24,9 +17,7 @@ import export
 from gspn_ref import GSPN, TinyGSPNClassifier
 from gspn_tvm import relax_cpu_schedule
 from gspn_tvm.relax_frontend import CompiledModel, compile_model, compile_onnx
-from tests.helpers import assert_close_scaled
-
-LOADER_FILE = Path(__file__).resolve().parents[2] / "gspn_tvm" / "runtime_loader.py"
+from helpers import assert_close_scaled, run_artifact_runtime_only
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -208,47 +199,16 @@ def test_onnx_portable_scan_loop_is_refused_with_the_way_out(tmp_path):
         compile_onnx(path)
 
 
-RUNTIME_ONLY_SCRIPT = textwrap.dedent(
-    """
-    import importlib.util, sys
-    sys.modules["torch"] = None  # as if torch were not installed: any import of it fails
-    import numpy as np
-    import tvm
-    assert tvm.base._RUNTIME_ONLY and "tvm_compiler" not in tvm.base._LOADED_LIBS, tvm.base._LOADED_LIBS
-    spec = importlib.util.spec_from_file_location("runtime_loader", sys.argv[1])
-    loader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loader)
-    model = loader.load_artifact(sys.argv[2])
-    for i, path in enumerate(sys.argv[3:]):
-        np.save(f"{sys.argv[2]}/out_{i}.npy", model.run(np.load(path)))
-    try:
-        model.run(np.zeros((2, 5, 8, 8), np.float32))
-    except ValueError as error:
-        print("rejected:", error)
-    assert not any(name == "torch" or name.startswith("torch.") for name, m in sys.modules.items() if m is not None)
-    """
-)
-
-
 def test_saved_artifact_runs_with_the_tvm_runtime_alone(compiled_classifier, classifier, tmp_path):
     artifact = compiled_classifier.save(tmp_path / "tiny")
     assert {p.name for p in artifact.iterdir()} == {"model.so", "params.bin", "signature.json"}
     inputs = [random_input(shape, seed=sum(shape)) for shape in [(2, 3, 32, 32), (1, 3, 24, 40)]]
-    paths = []
-    for i, x in enumerate(inputs):
-        paths.append(tmp_path / f"in_{i}.npy")
-        np.save(paths[-1], x.numpy())
-    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", RUNTIME_ONLY_SCRIPT, str(LOADER_FILE), str(artifact), *map(str, paths)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "rejected: x: the model was compiled for shape (batch, 3, height, width) float32" in result.stdout
-    for i, x in enumerate(inputs):
+    outputs, stdout = run_artifact_runtime_only(artifact, [x.numpy() for x in inputs], tmp_path)
+    assert "rejected: x: the model was compiled for shape (batch, 3, height, width) float32" in stdout
+    for x, output in zip(inputs, outputs):
         with torch.no_grad():
             expected = classifier(x)
-        actual = torch.from_numpy(np.load(artifact / f"out_{i}.npy"))
+        actual = torch.from_numpy(output)
         assert_close_scaled(actual, expected, torch.float32, n_terms(classifier, x), what=f"runtime-only {tuple(x.shape)}")
 
 
