@@ -113,12 +113,17 @@ def _weights(fused: bool, raw_l, raw_m, raw_r, pos, length):
     there: the weights themselves (plain scan), or the logits (fused scan): ``s_k = sigmoid(a_k)``,
     ``s_l = 0`` at ``pos = 0`` and ``s_r = 0`` at ``pos = length - 1`` (selected, so the position loop
     stays branch-free), ``t = max(s_l + s_m + s_r, 1e-7)``, ``g_k = s_k / t`` (SPEC, weight
-    normalization). Fused weights are finite, zero where they point outside the line."""
+    normalization). Fused weights are finite, zero where they point outside the line.
+
+    ``pos=None``: an interior position (both neighbours inside the line), no selects: the ``step``
+    pass, whose two end positions the ``ends`` pass overwrites. A select on the position would make
+    TVM's loop partitioning peel the first and last vector of the CPU schedule into scalar code."""
     if not fused:
         return raw_l, raw_m, raw_r
-    s_l = T.Select(pos > 0, _sigmoid(raw_l), T.float32(0))
-    s_m = _sigmoid(raw_m)
-    s_r = T.Select(pos + 1 < length, _sigmoid(raw_r), T.float32(0))
+    s_l, s_m, s_r = _sigmoid(raw_l), _sigmoid(raw_m), _sigmoid(raw_r)
+    if pos is not None:
+        s_l = T.Select(pos > 0, s_l, T.float32(0))
+        s_r = T.Select(pos + 1 < length, s_r, T.float32(0))
     inverse = T.float32(1) / T.max(s_l + s_m + s_r, T.float32(NORMALIZATION_FLOOR))
     return s_l * inverse, s_m * inverse, s_r * inverse
 
@@ -171,7 +176,7 @@ def _row_planes(direction: str, dtype: str, fused: bool):
                                 vp = T.axis.spatial(length, p)
                                 i, j = T.meta_var(_element(direction, line, vp))
                                 gl, gm, gr = T.meta_var(_weights(fused, T.Cast(f32, wl[vb, vg, i, j]), T.Cast(f32, wm[vb, vg, i, j]),
-                                                                 T.Cast(f32, wr[vb, vg, i, j]), vp, length))  # fmt: skip
+                                                                 T.Cast(f32, wr[vb, vg, i, j]), None, length))  # fmt: skip
                                 propagated = T.meta_var(gl * state[vp] + gm * state[vp + 1] + gr * state[vp + 2])
                                 current[vp] = T.Cast(f32, lam[vb, vc, i, j]) * T.Cast(f32, x[vb, vc, i, j]) + T.Select(
                                     restart, T.float32(0), propagated)
@@ -616,7 +621,7 @@ def _column_tile_planes(direction: str, dtype: str, fused: bool, tile: int):
                                 for p in range(H):
                                     with T.sblock("step"):
                                         vp = T.axis.spatial(H, p)
-                                        gl, gm, gr = T.meta_var(_weights(fused, wls[vk, vp], wms[vk, vp], wrs[vk, vp], vp, H))
+                                        gl, gm, gr = T.meta_var(_weights(fused, wls[vk, vp], wms[vk, vp], wrs[vk, vp], None, H))
                                         propagated = T.meta_var(gl * state[vp] + gm * state[vp + 1] + gr * state[vp + 2])
                                         hs[vk, vp] = lams[vk, vp] * xs[vk, vp] + T.Select(restart, T.float32(0), propagated)
                                 for e in range(2):

@@ -41,7 +41,7 @@ def test_operator_autograd_runs_tvm(tvm_enabled, monkeypatch):
     """gspn_scan and its autograd go through the TVM kernels and agree with the reference."""
     calls = []
     real_library = kernels.library
-    monkeypatch.setattr(kernels, "library", lambda device, dtype: calls.append(device) or real_library(device, dtype))
+    monkeypatch.setattr(kernels, "library", lambda device, dtype, kind="scan": calls.append(device) or real_library(device, dtype, kind))
     inputs = [t.requires_grad_() for t in make_scan_inputs(2, 4, 2, 7, 5, torch.float32, seed=3)]
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     h = gspn_ref.gspn_scan(*inputs, "r2l", 2)

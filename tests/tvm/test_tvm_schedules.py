@@ -9,13 +9,14 @@ grows with ``W``, ``B`` or ``C``, and global memory is read and written row by r
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from tvm import s_tir
+from tvm import s_tir, tirx
 
 from gspn_tvm import compute
 from gspn_tvm.schedules import cpu
@@ -133,3 +134,45 @@ def test_workspace_kept_after_a_call_is_bounded_by_the_tiles():
     bound = out["threads"] * per_thread + 2 * 2**20
     for direction, (forward, backward) in out["rows"].items():
         assert forward <= bound and backward <= bound, f"{direction}: kept {forward} / {backward} bytes, bound {bound}"
+
+
+# --- Row scans: the position loops are vectorized by TVM, in both directions ------------------------
+
+ROW_FORWARDS = {"scan": cpu.schedule_forward, "fused": cpu.schedule_fused_forward}
+
+
+def _compiled_ir(func) -> str:
+    """LLVM IR of ``func`` compiled for this machine's CPU target, after LLVM's optimizations."""
+    import tvm
+
+    from gspn_tvm import build
+
+    with tvm.transform.PassContext(opt_level=3):
+        executable = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(build.cpu_target()))
+    return executable.mod.inspect_source("ll")
+
+
+@pytest.mark.parametrize("direction", ["t2b", "b2t"])
+@pytest.mark.parametrize("operator", ["scan", "fused"])
+def test_row_position_loops_are_vectorized_by_tvm(operator, direction):
+    """The loops that read the inputs (``step``) and write the output (``emit``) end in a TVM vector
+    loop of ``VECTOR_LANES`` lanes, in both row directions."""
+    sch = s_tir.Schedule(ROW_FORWARDS[operator](direction, "float32"))
+    for name in cpu.ROW_VECTOR_BLOCKS:
+        innermost = sch.get(sch.get_loops(sch.get_sblock(name))[-1])
+        assert innermost.kind == tirx.ForKind.VECTORIZED, (name, innermost.kind)
+        assert int(innermost.extent) == cpu.VECTOR_LANES, (name, innermost.extent)
+
+
+@pytest.mark.parametrize("operator", ["scan", "fused"])
+def test_bottom_to_top_rows_compile_to_the_vector_code_of_top_to_bottom(operator):
+    """``b2t`` visits rows with a negative stride. LLVM's own loop vectorizer guarded its vector loop
+    with run-time overlap checks hoisted out of the row loop plus a test that the row stride is not
+    negative (``%stride.check``): always true for ``b2t``, whose every row then ran the scalar loop.
+    Neither direction may carry such a check, and both must load as many 8-float vectors."""
+    ir = {d: _compiled_ir(ROW_FORWARDS[operator](d, "float32")) for d in ("t2b", "b2t")}
+    for direction, text in ir.items():
+        guards = re.findall(r"%stride\.check\d* = ", text)
+        assert not guards, f"{direction}: {len(guards)} stride guards send the vector loop to its scalar fallback"
+    vector_loads = {d: len(re.findall(r"load <8 x float>", text)) for d, text in ir.items()}
+    assert vector_loads["t2b"] > 0 and vector_loads["t2b"] == vector_loads["b2t"], vector_loads
