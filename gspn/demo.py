@@ -59,10 +59,11 @@ def demo(out_dir: Path) -> None:
         _timed("forward (warm)", lambda: model(images))
     print(f"  logits {tuple(logits.shape)}, predicted classes {logits.argmax(1).tolist()}")
 
-    print("== 2. torch.export keeps one gspn.scan node per direction")
+    print("== 2. torch.export keeps one gspn.fused_scan node per direction (logits, gate and skip in)")
     program = _timed("torch.export", lambda: torch.export.export(model, (images,)))
-    scans = [n.args[5] for n in program.graph.nodes if n.op == "call_function" and n.target == torch.ops.gspn.scan.default]
-    print(f"  {len(scans)} gspn.scan nodes: {scans}")
+    fused = torch.ops.gspn.fused_scan.default
+    scans = [n.args[-2] for n in program.graph.nodes if n.op == "call_function" and n.target == fused]
+    print(f"  {len(scans)} gspn.fused_scan nodes: {scans}")
     with torch.no_grad():
         diff = (program.module()(images) - logits).abs().max().item()
     print(f"  exported program vs eager: max |diff| {diff:.2e}")
@@ -92,7 +93,7 @@ def demo_onnx(model, images, out_dir: Path) -> None:
     other = torch.randn(3, 3, 48, 80)  # another batch and image size than the export saw
     with torch.no_grad():
         expected = model(other)
-    custom = _timed("torch -> ONNX (custom GSPNScan nodes)", lambda: export.to_onnx(model, (images,), out_dir / "tiny_classifier_custom.onnx"))
+    custom = _timed("torch -> ONNX (custom GSPNFusedScan nodes)", lambda: export.to_onnx(model, (images,), out_dir / "tiny_classifier_custom.onnx"))
     portable = _timed("custom -> portable (standard ops only)", lambda: export.make_portable(custom))
     onnx.save(portable, out_dir / "tiny_classifier_portable.onnx")
     for mode in ("custom", "portable"):
@@ -180,12 +181,12 @@ def demo_paper_network(out_dir: Path) -> None:
     torch.manual_seed(0)
     net = _timed("build GSPN-T (random weights)", lambda: gspn_tiny(num_classes=1000).eval())
     scans = sum(1 for _ in net.block_chunks())
-    print(f"  {sum(p.numel() for p in net.parameters()):,} parameters, {scans} token mixers (one gspn.scan each)")
+    print(f"  {sum(p.numel() for p in net.parameters()):,} parameters, {scans} token mixers (one gspn.fused_scan each)")
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         logits = _timed("forward at (1, 3, 224, 224)", lambda: net(image))
     path = out_dir / "gspn_t_custom.onnx"
-    _timed("torch -> ONNX (custom GSPNScan nodes, fixed size)", lambda: export.to_onnx(net, (image,), path, dynamic=False))
+    _timed("torch -> ONNX (custom GSPNFusedScan nodes, fixed size)", lambda: export.to_onnx(net, (image,), path, dynamic=False))
     session = export.session(path)
     feeds = {session.get_inputs()[0].name: image.numpy()}
     result = torch.from_numpy(session.run(None, feeds)[0])

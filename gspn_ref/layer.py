@@ -11,7 +11,7 @@ from torch import nn
 from .affinity import affinity_matrix
 from .directions import DIRECTIONS
 from .normalize import normalize_weights
-from .ops import gspn_scan
+from .ops import gspn_fused_scan, gspn_scan
 from .validation import validate_chunk, validate_direction, validate_feature_map
 
 
@@ -53,6 +53,9 @@ class GSPN(nn.Module):
     ``d_inner`` (default ``2*dim``) channels are propagated in each of ``directions``; the weights,
     input gate, output gate and skip of every direction are predicted from a ``d_proxy``-channel proxy;
     ``groups`` (default ``d_inner``) weight groups are shared by ``d_inner // groups`` channels each.
+    ``fused=True`` runs each direction as one ``gspn::fused_scan`` (logits, gate and skip in, one
+    pass over memory); ``fused=False`` normalizes, scans and gates with separate ops (same
+    parameters, same result up to rounding: the fused op rounds once, at the end).
     """
 
     def __init__(
@@ -64,8 +67,12 @@ class GSPN(nn.Module):
         directions: Sequence[str] = DIRECTIONS,
         chunk: int = 0,
         groups: int | None = None,
+        fused: bool = True,
     ):
         super().__init__()
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused: expected a bool; got {type(fused).__name__} {fused!r}")
+        self.fused = fused
         dim = _positive_int("dim", dim)
         d_inner = _positive_int("d_inner", 2 * dim if d_inner is None else d_inner)
         d_proxy = _positive_int("d_proxy", d_proxy)
@@ -88,24 +95,32 @@ class GSPN(nn.Module):
         self.grn = GRN(d_inner)
         self.out_proj = nn.Conv2d(d_inner, dim, 1, bias=False)
 
-    def propagation_inputs(self, x: torch.Tensor):
-        """Return ``u`` (the propagated features) and, per direction, ``(lam, gl, gm, gr, gate, skip)``."""
+    def _raw_propagation_inputs(self, x: torch.Tensor):
+        """``u`` and, per direction, ``(al, am, ar, lam, gate, skip)`` (weight logits, not normalized)."""
         validate_feature_map(x, self.dim, self.in_proj.weight)
         u = self.dwconv(self.in_proj(x))
         params = self.param_proj(self.proxy(u)).split(sum(self._split), dim=1)
+        return u, [p.split(self._split, dim=1) for p in params]
+
+    def propagation_inputs(self, x: torch.Tensor):
+        """Return ``u`` (the propagated features) and, per direction, ``(lam, gl, gm, gr, gate, skip)``."""
+        u, raw = self._raw_propagation_inputs(x)
         per_direction = []
-        for direction, p in zip(self.directions, params):
-            al, am, ar, lam, gate, skip = p.split(self._split, dim=1)
+        for direction, (al, am, ar, lam, gate, skip) in zip(self.directions, raw):
             gl, gm, gr = normalize_weights(al, am, ar, direction)
             per_direction.append((lam, gl, gm, gr, gate, skip))
         return u, per_direction
 
     def aggregate(self, x: torch.Tensor) -> torch.Tensor:
         """``y = sum_k alpha_k * (scan_k(u) * gate_k + u * skip_k)``: ``(B, d_inner, H, W)``."""
-        u, per_direction = self.propagation_inputs(x)
+        u, raw = self._raw_propagation_inputs(x)
         y = None
-        for k, (direction, (lam, gl, gm, gr, gate, skip)) in enumerate(zip(self.directions, per_direction)):
-            y_k = gspn_scan(u, lam, gl, gm, gr, direction, self.chunk) * gate + u * skip
+        for k, (direction, (al, am, ar, lam, gate, skip)) in enumerate(zip(self.directions, raw)):
+            if self.fused:
+                y_k = gspn_fused_scan(u, lam, al, am, ar, gate, skip, direction, self.chunk)
+            else:
+                gl, gm, gr = normalize_weights(al, am, ar, direction)
+                y_k = gspn_scan(u, lam, gl, gm, gr, direction, self.chunk) * gate + u * skip
             y = self.alpha[k] * y_k if y is None else y + self.alpha[k] * y_k
         return y
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from gspn.bench import core, crossover, models, scans
+from gspn.bench import core, crossover, fused, layer_profile, models, scans
+from gspn_ref import GSPN
 from gspn.bench.plot import plot_results
 
 
@@ -35,6 +36,8 @@ def test_results_file_round_trip_and_plots(tmp_path):
     rows = [core.row("scan", "1x2x2x8x8", b, s, direction=d, pass_=p, floor_seconds=0.001)
             for b, s in (("tvm-cpu", 0.002), ("ort-custom", 0.003)) for d in ("t2b", "l2r")
             for p in ("forward", "backward")]  # fmt: skip
+    rows += [core.row("fused", "1x2x2x8x8", b, s, direction="t2b", floor_seconds=0.001)
+             for b, s in (("tvm-cpu", 0.002), ("tvm-cpu unfused", 0.005))]  # fmt: skip
     rows += [core.row("model", "GSPN-T 1x3x224x224", b, s, scan_share=0.1) for b, s in (("ort-custom", 0.1), ("tvm-relax", 0.2))]
     rows += [core.row("crossover", f"{m} {n}x{n}", "ort", s) for m, n, s in
              (("GSPN layer", 14, 2e-3), ("attention", 14, 1e-3), ("GSPN layer", 28, 3e-3), ("attention", 28, 4e-3))]  # fmt: skip
@@ -43,7 +46,7 @@ def test_results_file_round_trip_and_plots(tmp_path):
     payload = core.load_results(path)
     assert payload["rows"] == json.loads(json.dumps(rows)) and payload["copy_GBps"] == 10.0
     made = plot_results(payload, path)
-    assert [p.name for p in made] == ["bench_scan.png", "bench_models.png", "bench_crossover.png"]
+    assert [p.name for p in made] == ["bench_scan.png", "bench_fused.png", "bench_models.png", "bench_crossover.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in made)
     with pytest.raises(ValueError, match="lacks"):
         core.save_results(tmp_path / "bad.json", [{"table": "scan"}], info)
@@ -81,4 +84,24 @@ def test_record_scans_sees_every_scan_of_a_network():
     calls = models.record_scans(net, torch.randn(1, 3, 64, 64))
     mixers = sum(1 for m in net.modules() if type(m).__name__ == "GSPNMixer")
     assert len(calls) == mixers > 0
-    assert all(c[5] == "l2r" and c[0].shape[1] == c[2].shape[1] for c in calls)  # per-channel weights
+    # one l2r scan per mixer, per-channel weights: (op, u, lam, al, am, ar, gate, skip, direction, chunk)
+    assert all(c[0] == "fused_scan" and c[8] == "l2r" and c[1].shape[1] == c[3].shape[1] for c in calls)
+    for backend in ("torch-reference", "ort-custom"):
+        assert len(models._scan_runners(backend, calls)) == len(calls)
+
+
+def test_fused_rows_compare_with_the_unfused_ops():
+    rows = fused.run(shapes=[(1, 4, 2, 8, 6)], bandwidth=core.copy_bandwidth(1 << 22), directions=("b2t",))
+    assert {r["backend"] for r in rows} == {"torch-reference", "tvm-cpu", "tvm-cpu unfused", "ort-custom",
+                                           "ort-custom unfused"}  # fmt: skip
+    assert all(r["floor_ms"] > 0 and r["table"] == "fused" for r in rows)
+    assert core.fused_scan_bytes(2, 6, 3, 5, 7, torch.float32) == 4 * (5 * 2 * 6 * 35 + 3 * 2 * 3 * 35)
+
+
+def test_layer_profile_groups_operators():
+    assert layer_profile.category("gspn::fused_scan") == "scans"
+    assert layer_profile.category("aten::mkldnn_convolution") == "convolutions"
+    assert layer_profile.category("aten::sigmoid") == "normalization and gating"
+    assert layer_profile.category("aten::native_layer_norm") == "layer norm and GRN"
+    totals = layer_profile.profile_layer(GSPN(4, fused=False), torch.randn(1, 4, 6, 6), runs=1)
+    assert totals["scans"] > 0 and totals["convolutions"] > 0 and totals["normalization and gating"] > 0

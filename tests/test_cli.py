@@ -27,7 +27,7 @@ def test_demo_runs_every_step(tmp_path):
         assert f"== {step}." in out, f"demo step {step} missing:\n{out}"
     model = TinyGSPNClassifier(num_classes=10)  # the demo's model: one scan node per direction of each layer
     n_scans = sum(len(m.directions) for m in model.modules() if isinstance(m, GSPN))
-    assert f"{n_scans} gspn.scan nodes" in out
+    assert f"{n_scans} gspn.fused_scan nodes" in out
     diffs = [float(v) for v in re.findall(r"max \|[^|]+\| ([0-9.e+-]+)", out)]
     print(diffs)
     # export vs eager, ORT custom and portable vs torch, TVM kernels vs reference, Relax vs torch, runtime-only.

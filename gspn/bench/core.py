@@ -78,6 +78,13 @@ def scan_bytes(B: int, C: int, G: int, H: int, W: int, dtype: torch.dtype, backw
     return item * (3 * full + 3 * weight)
 
 
+def fused_scan_bytes(B: int, C: int, G: int, H: int, W: int, dtype: torch.dtype) -> int:
+    """Bytes the fused scan's forward must move at least: reads ``u, lam, gate, skip`` (B, C, H, W)
+    and three logits (B, G, H, W), writes ``y``."""
+    item = torch.finfo(dtype).bits // 8
+    return item * (5 * B * C * H * W + 3 * B * G * H * W)
+
+
 def cpu_name() -> str:
     """The CPU's model name as the OS reports it (for reports only: never used to generate code)."""
     try:

@@ -10,9 +10,9 @@ creation; torch.export and Relax compilation). Backends, all on the same model (
     tvm-relax         the whole model compiled by TVM Relax (``gspn_tvm.compile_model``)
 
 The scan's share of a backend's time is measured, not estimated from a profile: every
-``gspn.scan`` call of one forward pass is recorded (inputs, direction, chunk), then the same calls
-are timed alone with that backend's scan (ONNX Runtime: one-node scan models; TVM Relax: the
-project's TensorIR scan, which Relax calls as it is) and summed. Peak resident memory is the
+``gspn.scan`` and ``gspn.fused_scan`` call of one forward pass is recorded (inputs, direction,
+chunk), then the same calls are timed alone with that backend's kernel (ONNX Runtime: one-node
+models; TVM Relax: the project's TensorIR kernels, which Relax calls as they are) and summed. Peak resident memory is the
 ``ru_maxrss`` of a fresh process that loads the backend's model and runs it three times.
 """
 
@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import export
 import gspn_tvm
-from gspn_ref import GSPN, GSPNBlock, TinyGSPNClassifier, gspn_scan, gspn_scan_ref
+from gspn_ref import GSPN, GSPNBlock, TinyGSPNClassifier, gspn_fused_scan, gspn_fused_scan_ref, gspn_scan, gspn_scan_ref
 
 from .core import median_seconds, row
 
@@ -69,21 +69,32 @@ def build_case(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
 
+#: The operators whose calls count as "the scan", by the name ``record_scans`` gives them.
+SCAN_OPS = {"scan": torch.ops.gspn.scan.default, "fused_scan": torch.ops.gspn.fused_scan.default}
+_KERNELS = {  # name: (reference, operator, one-node ONNX model, its feeds)
+    "scan": (gspn_scan_ref, gspn_scan, export.scan_model, export.scan_feeds),
+    "fused_scan": (gspn_fused_scan_ref, gspn_fused_scan, export.fused_scan_model, export.fused_scan_feeds),
+}
+
+
 class _ScanRecorder(TorchDispatchMode):
-    """Records the arguments of every ``gspn.scan`` call made while active."""
+    """Records the arguments of every ``gspn.scan`` / ``gspn.fused_scan`` call made while active."""
 
     def __init__(self):
         super().__init__()
         self.calls: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.gspn.scan.default:
-            self.calls.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        for name, op in SCAN_OPS.items():
+            if func is op:
+                self.calls.append((name, *(a.clone() if isinstance(a, torch.Tensor) else a for a in args)))
         return func(*args, **(kwargs or {}))
 
 
 def record_scans(model: torch.nn.Module, x: torch.Tensor) -> list[tuple]:
-    """``(x, lam, gl, gm, gr, direction, chunk)`` of every scan one forward pass of ``model`` makes."""
+    """``(op, *args)`` of every scan one forward pass of ``model`` makes: ``op`` is ``"scan"`` (args
+    ``x, lam, gl, gm, gr, direction, chunk``) or ``"fused_scan"`` (``u, lam, al, am, ar, gate,
+    skip, direction, chunk``)."""
     recorder = _ScanRecorder()
     with torch.no_grad(), recorder:
         model(x)
@@ -93,21 +104,22 @@ def record_scans(model: torch.nn.Module, x: torch.Tensor) -> list[tuple]:
 def _scan_runners(backend: str, calls: list[tuple]) -> list[Callable[[], object]]:
     """One callable per recorded scan that runs it with ``backend``'s scan kernel."""
     if backend == "torch-reference":
-        return [lambda c=c: gspn_scan_ref(*c) for c in calls]
+        return [lambda c=c: _KERNELS[c[0]][0](*c[1:]) for c in calls]
     if backend in ("torch-tvm", "tvm-relax"):
-        return [lambda c=c: gspn_scan(*c) for c in calls]
+        return [lambda c=c: _KERNELS[c[0]][1](*c[1:]) for c in calls]
     threads = torch.get_num_threads()
     runners = []
-    for *tensors, direction, chunk in calls:
+    for op, *tensors, direction, chunk in calls:
+        _, _, model_of, feeds_of = _KERNELS[op]
         mode = "custom" if backend == "ort-custom" else "portable"
-        model = export.scan_model(direction, chunk, mode=mode)
+        model = model_of(direction, chunk, mode=mode)
         if mode == "custom":
             session = export.session(model, intra_op_num_threads=threads)
         else:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        feeds = export.scan_feeds(*tensors)
+        feeds = feeds_of(*tensors)
         runners.append(lambda s=session, f=feeds: s.run(None, f))
     return runners
 

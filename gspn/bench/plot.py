@@ -57,6 +57,19 @@ def plot_scans(rows: list[dict], machine: dict, path: Path) -> Path | None:
     return _save(fig, machine, path)
 
 
+def plot_fused(rows: list[dict], machine: dict, path: Path) -> Path | None:
+    """Fused scan against the unfused ops it replaces: time over the fused floor, per backend."""
+    rows = [r for r in rows if r["table"] == "fused"]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    groups, series = _series(rows, lambda r: f"{r['case']} {r['direction']}", "x_floor")
+    _grouped_bars(ax, groups, series, "time / memory floor (log)", log=True)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_title("one direction of the layer: fused scan vs normalize + scan + gate/skip (1 = at the floor)", fontsize=9)
+    return _save(fig, machine, path)
+
+
 def plot_models(rows: list[dict], machine: dict, path: Path) -> Path | None:
     """Latency per case and backend, and the scan's share of it."""
     rows = [r for r in rows if r["table"] == "model"]
@@ -101,6 +114,7 @@ def plot_results(payload: dict, json_path: Path) -> list[Path]:
     stem = Path(json_path).with_suffix("")
     made = [
         plot_scans(payload["rows"], payload["machine"], Path(f"{stem}_scan.png")),
+        plot_fused(payload["rows"], payload["machine"], Path(f"{stem}_fused.png")),
         plot_models(payload["rows"], payload["machine"], Path(f"{stem}_models.png")),
         plot_crossover(payload["rows"], payload["machine"], Path(f"{stem}_crossover.png")),
     ]

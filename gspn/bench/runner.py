@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from . import crossover, models, scans
+from . import crossover, fused, layer_profile, models, scans
 from .core import add_speedups, copy_bandwidth, describe, format_table, machine, row, save_results
 from .plot import plot_results
 
@@ -79,6 +79,15 @@ def run(json_path: str | os.PathLike = "out/bench.json", quick: bool = False) ->
     rows += scans.run(quick=quick, bandwidth=bandwidth)
     add_speedups(rows, "torch-reference")
     print(format_table([r for r in rows if r["table"] == "scan"], scans.COLUMNS))
+
+    print("\n== the fused scan (logits, gate and skip in) against the unfused ops it replaces")
+    rows += fused.run(quick=quick, bandwidth=bandwidth)
+    add_speedups(rows, "torch-reference")
+    print(format_table([r for r in rows if r["table"] == "fused"], fused.COLUMNS))
+
+    print("\n== where the GSPN layer's time goes, without and with the fused scan (torch eager, TVM kernels)")
+    rows += layer_profile.run(quick=quick)
+    print(format_table([r for r in rows if r["table"] == "layer_profile"], layer_profile.COLUMNS))
 
     print("\n== layers and networks per backend (forward, float32)")
     rows += models.run(quick=quick)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layer import GRN, LayerNorm2d
-from ..ops import gspn_scan
+from ..ops import gspn_fused_scan
 
 N_DIRECTIONS = 4  # the original hard-codes four scan frames (and 3 x 4 weight maps)
 _SCAN_DIRECTION = "l2r"  # every frame is scanned left to right, column by column
@@ -146,20 +146,29 @@ class GSPNMixer(nn.Module):
         self.out_proj = Linear2d(d_inner, dim, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def scan_inputs(self, x: torch.Tensor):
-        """``(frames, lam, gl, gm, gr, gate, skip)``, each ``(B, 4*d_inner, N, N)``, direction-major."""
+    def raw_scan_inputs(self, x: torch.Tensor):
+        """``(frames, lam, al, am, ar, gate, skip)``, each ``(B, 4*d_inner, N, N)``, direction-major;
+        ``al, am, ar`` are the weight logits (before the normalization)."""
         _require_square(x, "x")
         u = self.conv2d(self.in_proj(x))
         proxy = self.x_conv_down(u)
-        gl, gm, gr = normalize_propagation_weights(*self.w_conv_up(proxy).chunk(3, dim=1))
-        return scan_frames(u), self.l_conv_up(proxy), gl, gm, gr, self.u_conv_up(proxy), self.d_conv(proxy)
+        al, am, ar = self.w_conv_up(proxy).chunk(3, dim=1)
+        return scan_frames(u), self.l_conv_up(proxy), al, am, ar, self.u_conv_up(proxy), self.d_conv(proxy)
+
+    def scan_inputs(self, x: torch.Tensor):
+        """``(frames, lam, gl, gm, gr, gate, skip)``, each ``(B, 4*d_inner, N, N)``, direction-major."""
+        frames, lam, al, am, ar, gate, skip = self.raw_scan_inputs(x)
+        gl, gm, gr = normalize_propagation_weights(al, am, ar)
+        return frames, lam, gl, gm, gr, gate, skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frames, lam, gl, gm, gr, gate, skip = self.scan_inputs(x)
         # chunk = items_each_chunk whatever N is: for N <= chunk that is global propagation, and the
         # exported graph stays right at every input size.
-        h = gspn_scan(frames, lam, gl, gm, gr, _SCAN_DIRECTION, self.items_each_chunk)
-        y = h * gate + frames * skip
+        # The original's normalization equals docs/operator.md's wherever it matters: its extra gl on
+        # row 0 and gr on row N-1 multiply neighbours outside the line, and its N == 1 rule (quirk
+        # 12) changes weights that a single-line scan never reads. So: one fused scan.
+        frames, lam, al, am, ar, gate, skip = self.raw_scan_inputs(x)
+        y = gspn_fused_scan(frames, lam, al, am, ar, gate, skip, _SCAN_DIRECTION, self.items_each_chunk)
         B, _, H, W = y.shape
         y = self.m_conv(y.reshape(B, N_DIRECTIONS, self.d_inner * H, W)).reshape(B, self.d_inner, H, W)
         return self.dropout(self.out_proj(self.grn(self.out_norm(y))))

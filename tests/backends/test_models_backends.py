@@ -164,7 +164,7 @@ def onnx_custom(tiny16, inputs, tmp_path_factory):
 
 
 def scan_chunks(model: onnx.ModelProto) -> list[int]:
-    return [onnx.helper.get_attribute_value(a) for n in model.graph.node if n.domain == "gspn" and n.op_type == "GSPNScan"
+    return [onnx.helper.get_attribute_value(a) for n in model.graph.node if n.domain == "gspn" and n.op_type == "GSPNFusedScan"
             for a in n.attribute if a.name == "chunk"]  # fmt: skip
 
 

@@ -12,8 +12,11 @@ import export
 import gspn_ref
 
 
+SCAN_OPS = ("GSPNScan", "GSPNFusedScan")
+
+
 def count_scans(model: onnx.ModelProto) -> int:
-    return sum(node.domain == "gspn" and node.op_type == "GSPNScan" for node in model.graph.node)
+    return sum(node.domain == "gspn" and node.op_type in SCAN_OPS for node in model.graph.node)
 
 
 def scans_in(module: torch.nn.Module) -> int:
@@ -54,18 +57,19 @@ def test_layer_exports_one_custom_node_per_scan(layer, layer_models):
     path, custom, portable = layer_models
     onnx.checker.check_model(onnx.load(path), full_check=True)
     assert count_scans(custom) == scans_in(layer) == len(gspn_ref.DIRECTIONS)
+    assert {n.op_type for n in custom.graph.node if n.domain == "gspn"} == {"GSPNFusedScan"}  # the layer's default
     directions = sorted(onnx.helper.get_attribute_value(a).decode() for n in custom.graph.node
-                        if n.op_type == "GSPNScan" for a in n.attribute if a.name == "direction")  # fmt: skip
+                        if n.op_type in SCAN_OPS for a in n.attribute if a.name == "direction")  # fmt: skip
     assert directions == sorted(gspn_ref.DIRECTIONS)
     chunks = {onnx.helper.get_attribute_value(a) for n in custom.graph.node
-              if n.op_type == "GSPNScan" for a in n.attribute if a.name == "chunk"}  # fmt: skip
+              if n.op_type in SCAN_OPS for a in n.attribute if a.name == "chunk"}  # fmt: skip
     assert chunks == {layer.chunk}
     assert count_scans(portable) == 0
     onnx.checker.check_model(portable, full_check=True)
     # Dynamic batch and spatial sizes, static channels, and shapes carried on the scan outputs.
     dims = custom.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 8, "height", "width"]
-    scan_outputs = {n.output[0] for n in custom.graph.node if n.op_type == "GSPNScan"}
+    scan_outputs = {n.output[0] for n in custom.graph.node if n.op_type in SCAN_OPS}
     shaped = [v for v in custom.graph.value_info if v.name in scan_outputs]
     assert len(shaped) == scans_in(layer) and all(len(v.type.tensor_type.shape.dim) == 4 for v in shaped)
 

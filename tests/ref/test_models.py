@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from gspn_ref import gspn_scan
+from gspn_ref import gspn_fused_scan, gspn_scan
 from gspn_ref.models import (
     DEFAULT_CONFIG,
     StateDictMismatchError,
@@ -122,6 +122,19 @@ def test_tiny16_float64_logits(tiny16, vectors):
 
 def test_tiny16_block_chunks(tiny16, vectors):
     assert tiny16.block_chunks() == json.loads(str(vectors["blocks"]))
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 8])
+def test_fused_scan_equals_the_originals_normalization_and_gating(tiny16, side):
+    """The mixer's one fused scan equals the original's separate steps (its own normalization with
+    the row-0 / row-N-1 / N == 1 rules of OFFICIAL_MODEL.md section 4, the scan, gate and skip)."""
+    mixer = tiny16.layers[1].blocks[0].op
+    x = torch.randn(2, mixer.dim, side, side, generator=torch.Generator().manual_seed(side))
+    with torch.no_grad():
+        frames, lam, gl, gm, gr, gate, skip = mixer.scan_inputs(x)
+        separate = gspn_scan(frames, lam, gl, gm, gr, "l2r", mixer.items_each_chunk) * gate + frames * skip
+        fused = gspn_fused_scan(*mixer.raw_scan_inputs(x), "l2r", mixer.items_each_chunk)
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
 
 
 def test_one_scan_call_equals_four_directional_scans_in_the_original_frame(tiny16, vectors):
@@ -442,9 +455,11 @@ def test_older_key_names_ddp_prefix_and_conv_shaped_linears_load(tiny16, officia
 def test_torch_export_has_one_scan_per_mixer_and_equals_eager(tiny16, vectors):
     x = torch.from_numpy(vectors["input"])
     program = torch.export.export(tiny16, (x,))
-    scans = [n for n in program.graph.nodes if n.op == "call_function" and n.target == torch.ops.gspn.scan.default]
+    # one fused scan per mixer (logits, gate and skip in); none of tiny16's maps is 1 x 1
+    fused = [n for n in program.graph.nodes if n.op == "call_function" and n.target == torch.ops.gspn.fused_scan.default]
+    plain = [n for n in program.graph.nodes if n.op == "call_function" and n.target == torch.ops.gspn.scan.default]
     blocks = json.loads(str(vectors["blocks"]))
-    assert [tuple(n.args[5:]) for n in scans] == [("l2r", b["items_each_chunk"]) for b in blocks]
+    assert not plain and [tuple(n.args[7:]) for n in fused] == [("l2r", b["items_each_chunk"]) for b in blocks]
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), tiny16(x), rtol=1e-6, atol=1e-6)
 

@@ -143,14 +143,20 @@ def test_torch_compile_inductor_matches_eager():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_torch_export_keeps_one_scan_node_per_direction():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_torch_export_keeps_one_scan_node_per_direction(fused):
+    """One gspn::fused_scan per direction (fused layer) or one gspn::scan (fused=False), at any size."""
     torch.manual_seed(0)
-    layer = GSPN(8, d_proxy=4, directions=("t2b", "b2t", "l2r", "r2l")).eval()
+    layer = GSPN(8, d_proxy=4, directions=("t2b", "b2t", "l2r", "r2l"), fused=fused).eval()
     x = torch.randn(2, 8, 6, 9)  # sizes 0 and 1 would be specialized by torch.export
     batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
     program = torch.export.export(layer, (x,), dynamic_shapes={"x": {0: batch, 2: height, 3: width}})
-    scans = [n for n in program.graph.nodes if n.op == "call_function" and n.target == torch.ops.gspn.scan.default]
-    assert [n.args[5] for n in scans] == list(layer.directions)
+    op, other = torch.ops.gspn.fused_scan.default, torch.ops.gspn.scan.default
+    if not fused:
+        op, other = other, op
+    scans = [n for n in program.graph.nodes if n.op == "call_function" and n.target == op]
+    assert [n.args[-2] for n in scans] == list(layer.directions)
+    assert not [n for n in program.graph.nodes if n.op == "call_function" and n.target == other]
     x2 = torch.randn(3, 8, 11, 4)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x2), layer(x2))
