@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import assert_close_scaled, naive_scan_float64, scan_tolerance
 
+import gspn_ref
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -25,6 +27,9 @@ def test_readme_usage_snippets_run(tmp_path, monkeypatch):
         x, lam, gl, gm, gr, h = (namespace[n] for n in ("x", "lam", "gl", "gm", "gr", "h"))
         n_lines = x.shape[3]  # the first snippet scans l2r: one line per column
         assert_close_scaled(h, naive_scan_float64(x, lam, gl, gm, gr, "l2r"), torch.float32, n_lines, "README scan")
+        fused_args = [namespace[n].double() for n in ("u", "lam_k", "al", "am", "ar", "gate", "skip")]
+        y64 = gspn_ref.gspn_fused_scan_ref(*fused_args, "t2b")
+        assert_close_scaled(namespace["y_fused"], y64, torch.float32, fused_args[0].shape[2], "README fused scan")
         with torch.no_grad():
             expected = namespace["model"](namespace["images"]).numpy()
         portable = namespace["portable"]  # stock ONNX Runtime on the portable export
