@@ -196,8 +196,17 @@ def assert_scan_matches(fn: ScanFn, *, backward: bool | Callable = True, dtypes=
     drawn (tolerances from :func:`scan_tolerance`), with normalized and unnormalized weights. ``max_examples`` defaults to the active
     Hypothesis profile's. Raises ``AssertionError`` naming the case, the tensor and the error.
     """
+    _property_run(fn, "x, lam, gl, gm, gr, direction, chunk", dtypes, max_examples, max_side, directions,
+                  lambda case, dtype, seed, normalized: check_scan_case(
+                      fn, case, dtype, backward=backward, device=device, seed=seed, normalized=normalized),
+                  normalized=st.booleans())  # fmt: skip
+
+
+def _property_run(fn, arguments: str, dtypes, max_examples, max_side, directions, check, **extra_strategies) -> None:
+    """Check ``fn`` and ``dtypes``, then run ``check(case, dtype, seed, **extra)`` on Hypothesis-drawn
+    cases (the common body of :func:`assert_scan_matches` and :func:`assert_fused_scan_matches`)."""
     if not callable(fn):
-        raise TypeError(f"fn: expected a callable taking (x, lam, gl, gm, gr, direction, chunk); got {fn!r}")
+        raise TypeError(f"fn: expected a callable taking ({arguments}); got {fn!r}")
     dtypes = tuple(dtypes)
     bad = [d for d in dtypes if not (isinstance(d, torch.dtype) and d.is_floating_point)]
     if not dtypes or bad:
@@ -206,9 +215,9 @@ def assert_scan_matches(fn: ScanFn, *, backward: bool | Callable = True, dtypes=
     @settings(max_examples=max_examples or settings.default.max_examples, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
     @given(case=scan_cases(max_side=max_side, directions=directions), dtype=st.sampled_from(dtypes),
-           seed=st.integers(0, 2**16), normalized=st.booleans())  # fmt: skip
-    def run(case, dtype, seed, normalized):
-        check_scan_case(fn, case, dtype, backward=backward, device=device, seed=seed, normalized=normalized)
+           seed=st.integers(0, 2**16), **extra_strategies)  # fmt: skip
+    def run(case, dtype, seed, **extra):
+        check(case, dtype, seed, **extra)
 
     run()
 
@@ -269,21 +278,10 @@ def assert_fused_scan_matches(fn: ScanFn, *, backward: bool = True, dtypes=(torc
     the arguments of :func:`gspn_ref.gspn_fused_scan_ref`; logits are drawn at scales 0.5 to 8
     (8 saturates the sigmoid). Raises ``AssertionError`` naming the case, the tensor and the error.
     """
-    if not callable(fn):
-        raise TypeError(f"fn: expected a callable taking (u, lam, al, am, ar, gate, skip, direction, chunk); got {fn!r}")
-    dtypes = tuple(dtypes)
-    bad = [d for d in dtypes if not (isinstance(d, torch.dtype) and d.is_floating_point)]
-    if not dtypes or bad:
-        raise TypeError(f"dtypes: expected floating torch dtypes; got {dtypes!r}")
-
-    @settings(max_examples=max_examples or settings.default.max_examples, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
-    @given(case=scan_cases(max_side=max_side, directions=directions), dtype=st.sampled_from(dtypes),
-           seed=st.integers(0, 2**16), logit_scale=st.sampled_from((0.5, 2.0, 8.0)))  # fmt: skip
-    def run(case, dtype, seed, logit_scale):
-        check_fused_case(fn, case, dtype, backward=backward, device=device, seed=seed, logit_scale=logit_scale)
-
-    run()
+    _property_run(fn, "u, lam, al, am, ar, gate, skip, direction, chunk", dtypes, max_examples, max_side, directions,
+                  lambda case, dtype, seed, logit_scale: check_fused_case(
+                      fn, case, dtype, backward=backward, device=device, seed=seed, logit_scale=logit_scale),
+                  logit_scale=st.sampled_from((0.5, 2.0, 8.0)))  # fmt: skip
 
 
 def _packaged_npz(name: str) -> dict[str, np.ndarray]:
