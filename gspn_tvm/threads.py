@@ -17,8 +17,17 @@ environment at that moment.
 
 Thread pinning: unless the user set ``TVM_BIND_THREADS`` itself, it is set to ``0``, so TVM does not
 pin its workers (nor the calling thread) to cores; torch and ONNX Runtime do not pin either, and a
-pinned pool fights them for the same cores. The count is a plain argument: callers take it from
-torch (:mod:`gspn_tvm.kernels`, :mod:`gspn_tvm.relax_frontend`); this module must not import torch
+pinned pool fights them for the same cores.
+
+Torch's OpenMP pool: torch's intra-op threads (libgomp) spin-wait after each parallel region by
+default, and on a busy machine those spinning threads, not TVM's pool (whose idle workers yield
+the core), dominate. GSPN-T at 224x224, batch 1, torch eager, on a 2-core machine busy with other
+processes: with the TVM kernels 2.5-5.3 s by default and 0.49-0.78 s with ``OMP_WAIT_POLICY=passive``;
+with the reference kernels 2.7-4.6 s and 0.58-0.92 s. libgomp reads that variable when torch is
+imported, so it is the user's (or the benchmark's) to set, before ``import torch``; this module
+cannot.
+
+The count is a plain argument: callers take it from torch (:mod:`gspn_tvm.kernels`, :mod:`gspn_tvm.relax_frontend`); this module must not import torch
 (the runtime-only loader uses it).
 """
 
