@@ -27,8 +27,8 @@ with the reference kernels 2.7-4.6 s and 0.58-0.92 s. libgomp reads that variabl
 imported, so it is the user's (or the benchmark's) to set, before ``import torch``; this module
 cannot.
 
-The count is a plain argument: callers take it from torch (:mod:`gspn_tvm.kernels`, :mod:`gspn_tvm.relax_frontend`); this module must not import torch
-(the runtime-only loader uses it).
+The count is a plain argument: callers take it from torch (:mod:`gspn_tvm.kernels`,
+:mod:`gspn_tvm.relax_frontend`); this module must not import torch (the runtime-only loader uses it).
 """
 
 from __future__ import annotations
