@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from gspn_ref import is_column, is_reversed, line_count
@@ -167,3 +170,49 @@ def run_artifact_runtime_only(artifact: Path, inputs: list[np.ndarray], folder: 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return [np.load(folder / f"out_{i}.npy") for i in range(len(inputs))], result.stdout
+
+
+# --- the backend conformance suites (tests/backends/test_conformance.py, test_fused_conformance.py) ---
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend of an operator: its forward (the arguments of the operator's reference), whether
+    autograd can differentiate it, and the dtypes it serves."""
+
+    name: str
+    forward: Callable
+    backward: bool  # True: differentiable with autograd
+    dtypes: tuple
+    max_examples: int | None = None  # None: the Hypothesis profile's
+    device: str = "cpu"
+
+
+def skip_unless_available(backend: Backend) -> Backend:
+    if backend.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU in this machine: the TVM CUDA kernels are checked by scripts/gpu_check.sh")
+    return backend
+
+
+def tvm_differentiable(forward_op, backward_op, *, backward_takes_output: bool) -> Callable:
+    """``forward_op(*tensors, direction, chunk)`` with the TVM kernels, differentiable through
+    ``backward_op(grad, *tensors[, output], direction, chunk)`` (TVM kernels enabled only inside the calls)."""
+    import gspn_tvm
+
+    class TvmAutograd(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            *tensors, direction, chunk = args
+            with gspn_tvm.enabled():
+                out = forward_op(*tensors, direction, chunk)
+            ctx.save_for_backward(*tensors, out) if backward_takes_output else ctx.save_for_backward(*tensors)
+            ctx.scan = (direction, chunk)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            with gspn_tvm.enabled():
+                grads = backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.scan)
+            return (*grads, None, None)
+
+    return lambda *args: TvmAutograd.apply(*args)

@@ -10,17 +10,16 @@ importer (``gspn_tvm.compile_onnx``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import Backend, skip_unless_available, tvm_differentiable
 
 import export
 import gspn_tvm
-from gspn_ref import gspn_scan, gspn_scan_ref, line_count, normalize_weights
+from gspn_ref import gspn_scan_ref, line_count, normalize_weights
 from gspn_ref.testing import (
     ScanCase,
     assert_close_scaled,
@@ -31,41 +30,7 @@ from gspn_ref.testing import (
 )
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    forward: Callable  # (x, lam, gl, gm, gr, direction, chunk) -> h
-    backward: bool  # True: differentiable with autograd
-    dtypes: tuple
-    max_examples: int | None = None  # None: the Hypothesis profile's
-    device: str = "cpu"
-
-
-def _tvm_forward(*args):
-    with gspn_tvm.enabled():
-        return gspn_scan(*args)
-
-
-class _TvmAutograd(torch.autograd.Function):
-    """The operator with TVM kernels for forward and adjoint (enabled only inside the calls)."""
-
-    @staticmethod
-    def forward(ctx, x, lam, gl, gm, gr, direction, chunk):
-        with gspn_tvm.enabled():
-            h = torch.ops.gspn.scan(x, lam, gl, gm, gr, direction, chunk)
-        ctx.save_for_backward(x, lam, gl, gm, gr, h)
-        ctx.scan = (direction, chunk)
-        return h
-
-    @staticmethod
-    def backward(ctx, gh):
-        with gspn_tvm.enabled():
-            grads = torch.ops.gspn.scan_backward(gh.contiguous(), *ctx.saved_tensors, *ctx.scan)
-        return (*grads, None, None)
-
-
-def _tvm_differentiable(x, lam, gl, gm, gr, direction, chunk):
-    return _TvmAutograd.apply(x, lam, gl, gm, gr, direction, chunk)
+_tvm_differentiable = tvm_differentiable(torch.ops.gspn.scan, torch.ops.gspn.scan_backward, backward_takes_output=True)
 
 
 def _numpy_to_torch(fn):
@@ -115,15 +80,9 @@ BACKENDS = [
 ]
 
 
-def _available(backend: Backend) -> Backend:
-    if backend.device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU in this machine: the TVM CUDA kernels are checked by scripts/gpu_check.sh")
-    return backend
-
-
 @pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
 def backend(request) -> Backend:
-    return _available(request.param)
+    return skip_unless_available(request.param)
 
 
 def test_matches_reference(backend):

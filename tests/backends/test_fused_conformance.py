@@ -12,13 +12,12 @@ the TVM CPU kernels (and CUDA kernels, with a GPU), the ONNX Runtime custom oper
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import Backend, skip_unless_available, tvm_differentiable
 
 import export
 import gspn_tvm
@@ -30,16 +29,6 @@ from gspn_ref.testing import (
     check_fused_case,
     fused_inputs,
 )
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    forward: Callable  # (u, lam, al, am, ar, gate, skip, direction, chunk) -> y
-    backward: bool  # True: differentiable with autograd
-    dtypes: tuple
-    max_examples: int | None = None  # None: the Hypothesis profile's
-    device: str = "cpu"
 
 
 def _operator(u, lam, al, am, ar, gate, skip, direction, chunk):
@@ -90,27 +79,7 @@ def _onnx_reference(direction, chunk, dtype):
     return lambda feeds: evaluator.run(None, feeds)[0]
 
 
-class _TvmAutograd(torch.autograd.Function):
-    """The fused operator with TVM kernels for forward and adjoint (enabled only inside the calls)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        *tensors, direction, chunk = args
-        with gspn_tvm.enabled():
-            y = torch.ops.gspn.fused_scan(*tensors, direction, chunk)
-        ctx.save_for_backward(*tensors)
-        ctx.scan = (direction, chunk)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        with gspn_tvm.enabled():
-            grads = torch.ops.gspn.fused_scan_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.scan)
-        return (*grads, None, None)
-
-
-def _tvm_differentiable(u, lam, al, am, ar, gate, skip, direction, chunk):
-    return _TvmAutograd.apply(u, lam, al, am, ar, gate, skip, direction, chunk)
+_tvm_differentiable = tvm_differentiable(torch.ops.gspn.fused_scan, torch.ops.gspn.fused_scan_backward, backward_takes_output=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,15 +104,9 @@ BACKENDS = [
 ]
 
 
-def _available(backend: Backend) -> Backend:
-    if backend.device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU in this machine: the TVM CUDA kernels are checked by scripts/gpu_check.sh")
-    return backend
-
-
 @pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
 def backend(request) -> Backend:
-    return _available(request.param)
+    return skip_unless_available(request.param)
 
 
 def test_matches_reference(backend):
