@@ -33,8 +33,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
+# Passive OpenMP waits: torch's idle threads would otherwise spin against TVM's and ONNX Runtime's.
 bench: setup
-	$(VENV)/bin/gspn bench --json out/bench.json
+	OMP_WAIT_POLICY=passive $(VENV)/bin/gspn bench --json out/bench.json
 
 clean:
 	rm -rf out build .pytest_cache .hypothesis

@@ -109,6 +109,9 @@ def machine() -> dict:
         "memory_GiB": memory_gib,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        # torch's OpenMP threads spin between ops unless this is "passive" (read at import torch);
+        # spinning competes with TVM's and ONNX Runtime's pools on a small machine.
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "python": platform.python_version(),
     }
 
