@@ -239,14 +239,13 @@ void RunTask(void* user_data, size_t task) {
     }
   }
   const auto input = [&job](size_t index) { return static_cast<const T*>(job.inputs[index]); };
-  for (int64_t plane = first; plane < last; ++plane) {
-    if constexpr (kFused) {
-      FusedScanPlane<T>(job.geometry, plane, input(0), input(1), input(2), input(3), input(4),
-                        input(5), input(6), static_cast<T*>(job.output), scratch.get());
-    } else {
-      ScanPlane<T>(job.geometry, plane, input(0), input(1), input(2), input(3), input(4),
-                   static_cast<T*>(job.output), scratch.get());
-    }
+  T* output = static_cast<T*>(job.output);
+  if constexpr (kFused) {
+    FusedScanPlanes<T>(job.geometry, first, last - first, input(0), input(1), input(2), input(3),
+                       input(4), input(5), input(6), output, scratch.get());
+  } else {
+    ScanPlanes<T>(job.geometry, first, last - first, input(0), input(1), input(2), input(3),
+                  input(4), output, scratch.get());
   }
 }
 

@@ -74,9 +74,13 @@ struct ColumnLayout {
 // tall narrow ones), else the widest strips of whole tiles (at least kMinStripLines columns)
 // that fit, evened out over the plane. The six blocks never take more than kMaxStripScratchBytes
 // unless a single column needs more (H > ~349000): for H > 21845 strips narrow below 16 columns.
-ColumnLayout MakeColumnLayout(const ScanGeometry& g) {
-  const int64_t padded = RoundUp(g.height, kTile);
-  int64_t line_stride = padded + kGuard;
+// `planes` planes scanned together (see BatchPlanes) lay their columns end to end in each line:
+// plane p at positions [p H, p H + H); its transposes write whole tiles from p H, hence the line
+// stride covers (planes - 1) H + RoundUp(H, 8).
+ColumnLayout MakeColumnLayout(const ScanGeometry& g, int64_t planes) {
+  const int64_t padded = RoundUp(planes * g.height, kTile);
+  const int64_t written = (planes - 1) * g.height + RoundUp(g.height, kTile);
+  int64_t line_stride = std::max(padded, written) + kGuard;
   if (line_stride % (8 * kCacheLine) == 0) line_stride += kCacheLine;
   const int64_t block_extra = kGuard + kCacheLine;
   const int64_t line_bytes = 6 * line_stride * static_cast<int64_t>(sizeof(float));
@@ -90,6 +94,24 @@ ColumnLayout MakeColumnLayout(const ScanGeometry& g) {
   strip = std::max<int64_t>(1, std::min({strip, fitting, g.width}));
   return {strip, padded, line_stride, kGuard + strip * line_stride + block_extra,
           padded + 2 * kGuard};
+}
+
+bool IsRowScan(Direction direction);
+
+// Planes of a column scan scanned together, their columns end to end in one line: as many as
+// fit a short line (kMaxShortLine positions, scanned in registers), up to kMaxBatchPlanes. Small
+// planes (GSPN-T scans thousands of 7x7 to 28x28 planes) would otherwise pay a strip's fixed
+// costs and a line update's latency for a few positions each. Only where the short-line scan
+// exists (AVX2); 1 for row scans and tall planes.
+constexpr int64_t kMaxBatchPlanes = 16;
+int64_t BatchPlanes(const ScanGeometry& g) {
+#if defined(__AVX2__)
+  if (!IsRowScan(g.direction) && 2 * g.height <= kMaxShortLine) {
+    return std::min({kMaxShortLine / g.height, kMaxBatchPlanes, g.batch * g.channels});
+  }
+#endif
+  (void)g;
+  return 1;
 }
 
 bool IsRowScan(Direction direction) {
@@ -466,6 +488,28 @@ void TransposeToLines(const float* __restrict__ src, int64_t src_stride, float* 
     }
   }
 }
+
+// Stores the first `count` (1 to 7) lanes of v at dst. Not vmaskmovps: its stores are
+// microcoded on AMD processors (tens of cycles each), and tiles at the edge of small planes
+// store through here on every row.
+inline void StoreFirstLanes(float* dst, int64_t count, __m256 v) {
+#if defined(__AVX512VL__)
+  _mm256_mask_storeu_ps(dst, static_cast<__mmask8>((1u << count) - 1u), v);
+#else
+  __m128 part = _mm256_castps256_ps128(v);
+  if (count >= 4) {
+    _mm_storeu_ps(dst, part);
+    part = _mm256_extractf128_ps(v, 1);
+    dst += 4, count -= 4;
+  }
+  if (count >= 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(dst), part);
+    part = _mm_movehl_ps(part, part);
+    dst += 2, count -= 2;
+  }
+  if (count == 1) _mm_store_ss(dst, part);
+#endif
+}
 #endif
 
 // ---- the tensors of one plane ----------------------------------------------------------------
@@ -517,8 +561,8 @@ struct StoreH {
   void Put(int64_t p, int64_t l, float value) const { h[p * stride + l] = FromFloat<T>(value); }
 #if defined(__AVX2__)
   void Put(int64_t p, int64_t l, __m256 v) const { _mm256_storeu_ps(h + p * stride + l, v); }
-  void Put(int64_t p, int64_t l, __m256i mask, __m256 v) const {
-    _mm256_maskstore_ps(h + p * stride + l, mask, v);
+  void Put(int64_t p, int64_t l, __m256i, int64_t count, __m256 v) const {
+    StoreFirstLanes(h + p * stride + l, count, v);
   }
 #endif
 };
@@ -547,11 +591,11 @@ struct StoreGatedH {
     const __m256 carried = _mm256_mul_ps(_mm256_loadu_ps(u + i), _mm256_loadu_ps(skip + i));
     _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v, _mm256_loadu_ps(gate + i), carried));
   }
-  void Put(int64_t p, int64_t l, __m256i mask, __m256 v) const {
+  void Put(int64_t p, int64_t l, __m256i mask, int64_t count, __m256 v) const {
     const int64_t i = p * stride + l;
     const __m256 carried =
         _mm256_mul_ps(_mm256_maskload_ps(u + i, mask), _mm256_maskload_ps(skip + i, mask));
-    _mm256_maskstore_ps(y + i, mask, _mm256_fmadd_ps(v, _mm256_maskload_ps(gate + i, mask), carried));
+    StoreFirstLanes(y + i, count, _mm256_fmadd_ps(v, _mm256_maskload_ps(gate + i, mask), carried));
   }
 #endif
 };
@@ -581,9 +625,11 @@ void TransposeFromLines(const float* __restrict__ src, int64_t src_stride, int64
       Transpose8x8(v);
       if (np == kTile && nl == kTile) {
         for (int k = 0; k < 8; ++k) sink.Put(p0 + k, l0, v[k]);
+      } else if (nl == kTile) {
+        for (int64_t k = 0; k < np; ++k) sink.Put(p0 + k, l0, v[k]);
       } else {
         const __m256i mask = FirstLanes(nl);
-        for (int64_t k = 0; k < np; ++k) sink.Put(p0 + k, l0, mask, v[k]);
+        for (int64_t k = 0; k < np; ++k) sink.Put(p0 + k, l0, mask, nl, v[k]);
       }
     }
   }
@@ -710,20 +756,34 @@ void RowScanLines(const ScanGeometry& g, const Plane<T, kInputs>& plane, float* 
 // previous line stays in registers and its neighbours prev[p - 1], prev[p + 1] are made by lane
 // permutes. (Short lines read from memory would load each previous line right after storing it,
 // across its vector boundaries, and wait on store forwarding every line.) Same update and edge
-// rules as PropagatePaddedLine, without touching the scratch weights. `carry` holds the line
-// before the strip (zero padded) and receives its last line.
-template <int kVectors>
+// rules as PropagatePaddedLine, without touching the scratch weights. A line holds the columns of
+// `length` / `segment` planes end to end (see BatchPlanes), each `segment` positions long: the
+// neighbours across a plane's edge, and their weights, are masked to zero (a select, so that
+// even inf or NaN of another plane contributes exactly zero). `carry` holds the line before the
+// strip (zero padded) and receives its last line.
+template <int kVectors, bool kSegmented>
 void ScanShortLines(const float* xs, const float* lams, const float* gls, const float* gms,
                     const float* grs, float* hs, float* carry, int64_t stride, int64_t length,
-                    int64_t n, int64_t j0, int64_t width, bool reversed, int64_t chunk) {
+                    int64_t segment, int64_t n, int64_t j0, int64_t width, bool reversed,
+                    int64_t chunk) {
   const __m256 zero = _mm256_setzero_ps();
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const int32_t last_lane = static_cast<int32_t>((length - 1) % kTile);
-  // In the last vector: the lanes of the line, and those with a neighbour below.
-  const __m256 in_line =
-      _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(last_lane + 1), lanes));
-  const __m256 has_below =
-      _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(last_lane), lanes));
+  // Lanes of each vector: inside the line, with a neighbour above (p - 1 in the same plane),
+  // with one below (p + 1 in the same plane).
+  __m256 in_line[kVectors], has_above[kVectors], has_below[kVectors];
+  for (int k = 0; k < kVectors; ++k) {
+    alignas(32) int32_t inside[kTile], above[kTile], below[kTile];
+    for (int64_t lane = 0; lane < kTile; ++lane) {
+      const int64_t p = k * kTile + lane;
+      const int64_t q = p % segment;
+      inside[lane] = p < length ? -1 : 0;
+      above[lane] = p < length && q != 0 ? -1 : 0;
+      below[lane] = p < length && q != segment - 1 ? -1 : 0;
+    }
+    const auto load = [](const int32_t* lanes) {
+      return _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
+    };
+    in_line[k] = load(inside), has_above[k] = load(above), has_below[k] = load(below);
+  }
   const __m256i rotate_up = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
   const __m256i rotate_down = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0);
   __m256 prev[kVectors];
@@ -745,12 +805,19 @@ void ScanShortLines(const float* xs, const float* lams, const float* gls, const 
         down[k] = _mm256_permutevar8x32_ps(prev[k], rotate_down);
       }
       for (int k = 0; k < kVectors; ++k) {
-        const __m256 above = _mm256_blend_ps(up[k], k > 0 ? up[k - 1] : zero, 0x01);
-        const __m256 below = _mm256_blend_ps(down[k], k + 1 < kVectors ? down[k + 1] : zero, 0x80);
+        __m256 above = _mm256_blend_ps(up[k], k > 0 ? up[k - 1] : zero, 0x01);
+        __m256 below = _mm256_blend_ps(down[k], k + 1 < kVectors ? down[k + 1] : zero, 0x80);
         __m256 gl = _mm256_loadu_ps(gls + offset + k * kTile);
-        if (k == 0) gl = _mm256_blend_ps(gl, zero, 0x01);
         __m256 gr = _mm256_loadu_ps(grs + offset + k * kTile);
-        if (k == kVectors - 1) gr = _mm256_and_ps(gr, has_below);
+        if (kSegmented) {
+          above = _mm256_and_ps(above, has_above[k]);
+          below = _mm256_and_ps(below, has_below[k]);
+          gl = _mm256_and_ps(gl, has_above[k]);
+          gr = _mm256_and_ps(gr, has_below[k]);
+        } else {
+          if (k == 0) gl = _mm256_blend_ps(gl, zero, 0x01);
+          if (k == kVectors - 1) gr = _mm256_and_ps(gr, has_below[k]);
+        }
         // Ordered for a short dependency chain from prev (the permutes run beside the first FMA).
         __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(lams + offset + k * kTile),
                                    _mm256_loadu_ps(xs + offset + k * kTile));
@@ -759,7 +826,11 @@ void ScanShortLines(const float* xs, const float* lams, const float* gls, const 
         next[k] = _mm256_fmadd_ps(gr, below, sum);
       }
     }
-    next[kVectors - 1] = _mm256_and_ps(next[kVectors - 1], in_line);
+    if (kSegmented) {
+      for (int k = 0; k < kVectors; ++k) next[k] = _mm256_and_ps(next[k], in_line[k]);
+    } else {
+      next[kVectors - 1] = _mm256_and_ps(next[kVectors - 1], in_line[kVectors - 1]);
+    }
     for (int k = 0; k < kVectors; ++k) {
       _mm256_storeu_ps(hs + offset + k * kTile, next[k]);
       prev[k] = next[k];
@@ -769,16 +840,19 @@ void ScanShortLines(const float* xs, const float* lams, const float* gls, const 
 }
 #endif
 // Column scans: strips of columns are transposed into float32 scratch (see ColumnLayout) so that
-// each column (a line of length H) is contiguous, scanned, and transposed back. The fused scan
-// normalizes the transposed logits in place into weights, and writes y = h gate + u skip on the
-// way back.
+// each column (a line of length H) is contiguous, scanned, and transposed back. `planes` holds
+// `count` planes (at most BatchPlanes) scanned together, their columns end to end in each line;
+// `next_planes` the `next_count` planes scanned after them (prefetched, never written). The fused
+// scan normalizes the transposed logits in place into weights, and writes y = h gate + u skip on
+// the way back.
 template <typename T, int kInputs>
-void ColumnScan(const ScanGeometry& g, const Plane<T, kInputs>& plane,
-                const Plane<T, kInputs>* next_plane, float* scratch) {
+void ColumnScan(const ScanGeometry& g, const Plane<T, kInputs>* planes, int64_t count,
+                const Plane<T, kInputs>* next_planes, int64_t next_count, float* scratch) {
   using PlaneT = Plane<T, kInputs>;
   const int64_t H = g.height, W = g.width;
-  const ColumnLayout layout = MakeColumnLayout(g);
+  const ColumnLayout layout = MakeColumnLayout(g, count);
   const int64_t strip = layout.strip, stride = layout.line_stride, padded = layout.padded;
+  const int64_t length = count * H;  // positions of a line
   float* xs = scratch + kGuard;  // line t of a block at block + t * stride
   float* lams = xs + layout.block;
   float* gls = lams + layout.block;
@@ -800,64 +874,102 @@ void ColumnScan(const ScanGeometry& g, const Plane<T, kInputs>& plane,
     *j0 = reversed ? std::max<int64_t>(W - (k + 1) * strip, 0) : k * strip;
     *n = reversed ? (W - k * strip) - *j0 : std::min(strip, W - *j0);
   };
-  // Rows of strip k of input `slot` (kOutput: the output), and of the strip after it (of this
-  // plane, else the first of the next plane).
+  // Rows of strip k of input `slot` (kOutput: the output) of plane p, and of what that plane's
+  // loop reaches next: its next strip, else the first strip of the plane in its place in the
+  // next batch. `planes_spanned` > 1: the planes from p on, adjacent in memory.
   constexpr int kOutput = -1;
-  const auto ahead = [&](int64_t k, int slot) {
-    const auto region = [&](const PlaneT* target, int64_t strip_index) {
-      if (target == nullptr) return Region{};
+  const auto ahead = [&](int64_t k, int slot, int64_t p, int64_t planes_spanned) {
+    const auto region = [&](const PlaneT* target, int64_t strip_index, int64_t spanned) {
+      if (target == nullptr || spanned <= 0) return Region{};
       int64_t j0, n;
       columns(strip_index, &j0, &n);
       const T* base = slot == kOutput ? target->out : target->in[slot];
       return Region{reinterpret_cast<const char*>(base + j0), W * static_cast<int64_t>(sizeof(T)),
-                    n * static_cast<int64_t>(sizeof(T)), H};
+                    n * static_cast<int64_t>(sizeof(T)), spanned * H};
     };
-    return Ahead{region(&plane, k), k + 1 < strip_count ? region(&plane, k + 1)
-                                                        : region(next_plane, 0)};
+    const PlaneT* later = p < next_count ? next_planes + p : nullptr;
+    return Ahead{region(planes + p, k, planes_spanned),
+                 k + 1 < strip_count
+                     ? region(planes + p, k + 1, planes_spanned)
+                     : region(later, 0, std::min(planes_spanned, next_count - p))};
   };
+  // Whether input `slot` of the batch is one (count H, W) region: always for the data (u, x,
+  // lam, gate, skip, the output), for the weights when each plane has its own (G = C).
+  const auto adjacent = [&](int slot) {
+    for (int64_t p = 1; p < count; ++p) {
+      if (planes[p].in[slot] != planes[0].in[slot] + p * H * W) return false;
+    }
+    return true;
+  };
+  // The batch's lines back, in one pass over the planes' adjacent outputs.
   const auto store = [&](int64_t k, int64_t j0, int64_t n) {
+    const PlaneT& plane = planes[0];
     if constexpr (PlaneT::kFused) {
-      const StoreGatedH<T> sink{plane.out + j0,    plane.in[kData] + j0, plane.in[kGate] + j0,
-                                plane.in[kSkip] + j0, W,                 ahead(k, kOutput),
-                                ahead(k, kGate),   ahead(k, kSkip)};
-      FromLines(hs, stride, n, H, sink);
+      const StoreGatedH<T> sink{plane.out + j0,
+                                plane.in[kData] + j0,
+                                plane.in[kGate] + j0,
+                                plane.in[kSkip] + j0,
+                                W,
+                                ahead(k, kOutput, 0, count),
+                                ahead(k, kGate, 0, count),
+                                ahead(k, kSkip, 0, count)};
+      FromLines(hs, stride, n, length, sink);
     } else {
-      FromLines(hs, stride, n, H, StoreH<T>{plane.out + j0, W, ahead(k, kOutput)});
+      FromLines(hs, stride, n, length, StoreH<T>{plane.out + j0, W, ahead(k, kOutput, 0, count)});
     }
   };
   for (int64_t k = 0; k < strip_count; ++k) {
     int64_t j0, n;
     columns(k, &j0, &n);
     for (int slot = kData; slot <= kRight; ++slot) {
-      ToLines(plane.in[slot] + j0, W, blocks[slot], stride, H, n, ahead(k, slot));
+      if (adjacent(slot)) {
+        ToLines(planes[0].in[slot] + j0, W, blocks[slot], stride, length, n,
+                ahead(k, slot, 0, count));
+        continue;
+      }
+      // In increasing p: a plane's last tile writes past its H positions into the next plane's.
+      for (int64_t p = 0; p < count; ++p) {
+        ToLines(planes[p].in[slot] + j0, W, blocks[slot] + p * H, stride, H, n,
+                ahead(k, slot, p, 1));
+      }
     }
     if constexpr (PlaneT::kFused) {
       for (int64_t t = 0; t < n; ++t) {
-        const int64_t offset = t * stride;
-        NormalizeLine(gls + offset, gms + offset, grs + offset, gls + offset, gms + offset,
-                      grs + offset, H);
+        for (int64_t p = 0; p < count; ++p) {
+          const int64_t offset = t * stride + p * H;
+          NormalizeLine(gls + offset, gms + offset, grs + offset, gls + offset, gms + offset,
+                        grs + offset, H);
+        }
       }
     }
 #if defined(__AVX2__)
     if (padded <= kMaxShortLine) {
-      const auto scan = [&](auto vectors) {
-        ScanShortLines<decltype(vectors)::value>(xs, lams, gls, gms, grs, hs, carry, stride, H, n,
-                                                 j0, W, reversed, g.chunk);
+      const auto scan = [&](auto vectors, auto segmented) {
+        ScanShortLines<decltype(vectors)::value, decltype(segmented)::value>(
+            xs, lams, gls, gms, grs, hs, carry, stride, length, H, n, j0, W, reversed, g.chunk);
       };
-      switch (padded / kTile) {
-        case 1: scan(std::integral_constant<int, 1>()); break;
-        case 2: scan(std::integral_constant<int, 2>()); break;
-        case 3: scan(std::integral_constant<int, 3>()); break;
-        case 4: scan(std::integral_constant<int, 4>()); break;
-        case 5: scan(std::integral_constant<int, 5>()); break;
-        case 6: scan(std::integral_constant<int, 6>()); break;
-        case 7: scan(std::integral_constant<int, 7>()); break;
-        default: scan(std::integral_constant<int, 8>()); break;
+      const auto scan_lines = [&](auto segmented) {
+        switch (padded / kTile) {
+          case 1: scan(std::integral_constant<int, 1>(), segmented); break;
+          case 2: scan(std::integral_constant<int, 2>(), segmented); break;
+          case 3: scan(std::integral_constant<int, 3>(), segmented); break;
+          case 4: scan(std::integral_constant<int, 4>(), segmented); break;
+          case 5: scan(std::integral_constant<int, 5>(), segmented); break;
+          case 6: scan(std::integral_constant<int, 6>(), segmented); break;
+          case 7: scan(std::integral_constant<int, 7>(), segmented); break;
+          default: scan(std::integral_constant<int, 8>(), segmented); break;
+        }
+      };
+      if (count > 1) {
+        scan_lines(std::true_type());
+      } else {
+        scan_lines(std::false_type());
       }
       store(k, j0, n);
       continue;
     }
 #endif
+    // Lines too long for registers hold one plane (BatchPlanes).
     const float* prev = carry;
     for (int64_t t = 0; t < n; ++t) {
       const int64_t line = reversed ? n - 1 - t : t;  // column j0 + line
@@ -878,21 +990,38 @@ void ColumnScan(const ScanGeometry& g, const Plane<T, kInputs>& plane,
   }
 }
 
-// One plane of a scan or fused scan (kInputs of them, in Slot order).
+// Planes [first, first + count) of a scan or fused scan (kInputs inputs, in Slot order).
 template <typename T, int kInputs>
-void ScanPlaneOf(const ScanGeometry& g, int64_t plane_index, const T* const* inputs, T* out,
-                 float* scratch) {
+void ScanPlanesOf(const ScanGeometry& g, int64_t first, int64_t count, const T* const* inputs,
+                  T* out, float* scratch) {
   using PlaneT = Plane<T, kInputs>;
-  const PlaneT plane = PlaneAt<T, kInputs>(g, plane_index, inputs, out);
-  if (!IsRowScan(g.direction)) {
-    // The next plane is the next one this worker scans unless plane_index ends its share.
-    const bool has_next = plane_index + 1 < g.batch * g.channels;
-    const PlaneT next = has_next ? PlaneAt<T, kInputs>(g, plane_index + 1, inputs, out) : plane;
-    ColumnScan(g, plane, has_next ? &next : nullptr, scratch);
-  } else if constexpr (std::is_same_v<T, float> && !PlaneT::kFused) {
-    RowScanFloat(g, plane);
-  } else {
-    RowScanLines(g, plane, scratch);
+  if (IsRowScan(g.direction)) {
+    for (int64_t index = first; index < first + count; ++index) {
+      const PlaneT plane = PlaneAt<T, kInputs>(g, index, inputs, out);
+      if constexpr (std::is_same_v<T, float> && !PlaneT::kFused) {
+        RowScanFloat(g, plane);
+      } else {
+        RowScanLines(g, plane, scratch);
+      }
+    }
+    return;
+  }
+  // Batches of BatchPlanes planes; the planes after a batch (the next batch, or past `count`
+  // those another worker scans) are prefetched.
+  const int64_t batch = BatchPlanes(g), total = g.batch * g.channels;
+  PlaneT planes[2][kMaxBatchPlanes];
+  const auto fill = [&](PlaneT* target, int64_t begin) {
+    const int64_t n = std::min(batch, total - begin);
+    for (int64_t p = 0; p < n; ++p) target[p] = PlaneAt<T, kInputs>(g, begin + p, inputs, out);
+    return n;
+  };
+  int64_t current = 0;
+  fill(planes[current], first);
+  for (int64_t begin = first; begin < first + count; begin += batch) {
+    const int64_t n = std::min(batch, first + count - begin);
+    const int64_t next_count = begin + n < total ? fill(planes[1 - current], begin + n) : 0;
+    ColumnScan(g, planes[current], n, planes[1 - current], next_count, scratch);
+    current = 1 - current;
   }
 }
 
@@ -902,8 +1031,14 @@ size_t ScratchFloats(const ScanGeometry& g, bool half_precision) {
   if (IsRowScan(g.direction)) {
     return half_precision ? static_cast<size_t>(kScanRowBuffers * g.width) : 0;
   }
-  const ColumnLayout layout = MakeColumnLayout(g);
-  return static_cast<size_t>(6 * layout.block + layout.carry);
+  // Any batch of 1 to BatchPlanes planes (the last of a call may be short; the block size is
+  // not monotonic in the batch, as strips narrow when lines grow).
+  size_t floats = 0;
+  for (int64_t planes = 1; planes <= BatchPlanes(g); ++planes) {
+    const ColumnLayout layout = MakeColumnLayout(g, planes);
+    floats = std::max(floats, static_cast<size_t>(6 * layout.block + layout.carry));
+  }
+  return floats;
 }
 
 size_t FusedScratchFloats(const ScanGeometry& g, bool half_precision) {
@@ -912,18 +1047,31 @@ size_t FusedScratchFloats(const ScanGeometry& g, bool half_precision) {
 }
 
 template <typename T>
+void ScanPlanes(const ScanGeometry& g, int64_t first, int64_t count, const T* x, const T* lam,
+                const T* gl, const T* gm, const T* gr, T* h, float* scratch) {
+  const T* const inputs[kScanInputs] = {x, lam, gl, gm, gr};
+  ScanPlanesOf<T, kScanInputs>(g, first, count, inputs, h, scratch);
+}
+
+template <typename T>
+void FusedScanPlanes(const ScanGeometry& g, int64_t first, int64_t count, const T* u,
+                     const T* lam, const T* al, const T* am, const T* ar, const T* gate,
+                     const T* skip, T* y, float* scratch) {
+  const T* const inputs[kFusedInputs] = {u, lam, al, am, ar, gate, skip};
+  ScanPlanesOf<T, kFusedInputs>(g, first, count, inputs, y, scratch);
+}
+
+template <typename T>
 void ScanPlane(const ScanGeometry& g, int64_t plane_index, const T* x, const T* lam, const T* gl,
                const T* gm, const T* gr, T* h, float* scratch) {
-  const T* const inputs[kScanInputs] = {x, lam, gl, gm, gr};
-  ScanPlaneOf<T, kScanInputs>(g, plane_index, inputs, h, scratch);
+  ScanPlanes(g, plane_index, 1, x, lam, gl, gm, gr, h, scratch);
 }
 
 template <typename T>
 void FusedScanPlane(const ScanGeometry& g, int64_t plane_index, const T* u, const T* lam,
                     const T* al, const T* am, const T* ar, const T* gate, const T* skip, T* y,
                     float* scratch) {
-  const T* const inputs[kFusedInputs] = {u, lam, al, am, ar, gate, skip};
-  ScanPlaneOf<T, kFusedInputs>(g, plane_index, inputs, y, scratch);
+  FusedScanPlanes(g, plane_index, 1, u, lam, al, am, ar, gate, skip, y, scratch);
 }
 
 template void ScanPlane<float>(const ScanGeometry&, int64_t, const float*, const float*,
@@ -933,6 +1081,16 @@ template void ScanPlane<Half>(const ScanGeometry&, int64_t, const Half*, const H
 template void FusedScanPlane<float>(const ScanGeometry&, int64_t, const float*, const float*,
                                     const float*, const float*, const float*, const float*,
                                     const float*, float*, float*);
+template void ScanPlanes<float>(const ScanGeometry&, int64_t, int64_t, const float*, const float*,
+                                const float*, const float*, const float*, float*, float*);
+template void ScanPlanes<Half>(const ScanGeometry&, int64_t, int64_t, const Half*, const Half*,
+                               const Half*, const Half*, const Half*, Half*, float*);
+template void FusedScanPlanes<float>(const ScanGeometry&, int64_t, int64_t, const float*,
+                                     const float*, const float*, const float*, const float*,
+                                     const float*, const float*, float*, float*);
+template void FusedScanPlanes<Half>(const ScanGeometry&, int64_t, int64_t, const Half*,
+                                    const Half*, const Half*, const Half*, const Half*, const Half*,
+                                    const Half*, Half*, float*);
 template void FusedScanPlane<Half>(const ScanGeometry&, int64_t, const Half*, const Half*,
                                    const Half*, const Half*, const Half*, const Half*, const Half*,
                                    Half*, float*);

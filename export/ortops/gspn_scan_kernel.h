@@ -33,7 +33,8 @@ struct Half {
 
 // Float32 scratch (in elements) that ScanPlane needs for planes of `geometry`: 0 for float32 row
 // scans, 7 W for float16 row scans; for column scans six blocks of S transposed, zero-padded
-// lines of about H floats and one carried line, about (6 S + 1) H, where the strip width S (1 to W
+// lines of about H floats (P H for P planes scanned together, see ScanPlanes: P H <= 64) and one
+// carried line, about (6 S + 1) H, where the strip width S (1 to W
 // columns) keeps the six blocks within kMaxStripScratchBytes unless one column alone needs more.
 // So a worker never needs more than max(kMaxStripScratchBytes, 24 H + 2048) + 4 H + 128 bytes for
 // a column scan, 28 W bytes for a float16 row scan, whatever B and C are.
@@ -47,6 +48,13 @@ size_t ScratchFloats(const ScanGeometry& geometry, bool half_precision);
 template <typename T>
 void ScanPlane(const ScanGeometry& geometry, int64_t plane, const T* x, const T* lam,
                const T* gl, const T* gm, const T* gr, T* h, float* scratch);
+
+// Planes [first, first + count) of the scan, as ScanPlane on each, with the same scratch. Column
+// scans of small planes (H <= 32 with AVX2) scan several planes together, their columns end to
+// end in one line; the planes just past the range are prefetched, never written.
+template <typename T>
+void ScanPlanes(const ScanGeometry& geometry, int64_t first, int64_t count, const T* x,
+                const T* lam, const T* gl, const T* gm, const T* gr, T* h, float* scratch);
 
 // The fused scan of one (b, c) plane, `plane` in [0, B*C):
 //   y = ScanPlane(u, lam, normalize(al, am, ar)) * gate + u * skip
@@ -62,5 +70,11 @@ template <typename T>
 void FusedScanPlane(const ScanGeometry& geometry, int64_t plane, const T* u, const T* lam,
                     const T* al, const T* am, const T* ar, const T* gate, const T* skip, T* y,
                     float* scratch);
+
+// Planes [first, first + count) of the fused scan, as FusedScanPlane on each (see ScanPlanes).
+template <typename T>
+void FusedScanPlanes(const ScanGeometry& geometry, int64_t first, int64_t count, const T* u,
+                     const T* lam, const T* al, const T* am, const T* ar, const T* gate,
+                     const T* skip, T* y, float* scratch);
 
 }  // namespace gspn

@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -135,8 +136,24 @@ std::vector<double> Naive(const ScanGeometry& g, const std::vector<V>* v) {
   return h;
 }
 
+// How a test runs the planes of a problem: one ScanPlane call per plane, ScanPlanes over ranges
+// of 3 planes (batches cut short at range ends), or one ScanPlanes call over all of them.
+enum class Calls { kPerPlane, kRangesOf3, kAllAtOnce };
+constexpr Calls kAllCalls[] = {Calls::kPerPlane, Calls::kRangesOf3, Calls::kAllAtOnce};
+
+const char* Name(Calls calls) {
+  return calls == Calls::kPerPlane ? "per plane" : calls == Calls::kRangesOf3 ? "ranges of 3" : "all at once";
+}
+
+// Calls run(first, count) over the planes [0, total) as `calls` says.
+template <typename Run>
+void ForPlanes(Calls calls, int64_t total, const Run& run) {
+  const int64_t step = calls == Calls::kPerPlane ? 1 : calls == Calls::kRangesOf3 ? 3 : total;
+  for (int64_t first = 0; first < total; first += step) run(first, std::min(step, total - first));
+}
+
 template <typename T>
-std::vector<float> RunKernel(const Problem& p) {
+std::vector<float> RunKernel(const Problem& p, Calls calls) {
   const T* in[5];
   std::vector<T> storage[5];
   for (int k = 0; k < 5; ++k) {
@@ -150,9 +167,14 @@ std::vector<float> RunKernel(const Problem& p) {
   }
   std::vector<T> h(p.values[0].size());
   std::vector<float> scratch(gspn::ScratchFloats(p.g, std::is_same_v<T, Half>) + 1, NAN);
-  for (int64_t plane = 0; plane < p.g.batch * p.g.channels; ++plane) {
-    gspn::ScanPlane<T>(p.g, plane, in[0], in[1], in[2], in[3], in[4], h.data(), scratch.data());
-  }
+  ForPlanes(calls, p.g.batch * p.g.channels, [&](int64_t first, int64_t count) {
+    if (count == 1) {
+      gspn::ScanPlane<T>(p.g, first, in[0], in[1], in[2], in[3], in[4], h.data(), scratch.data());
+    } else {
+      gspn::ScanPlanes<T>(p.g, first, count, in[0], in[1], in[2], in[3], in[4], h.data(),
+                          scratch.data());
+    }
+  });
   std::vector<float> out(h.size());
   for (size_t i = 0; i < h.size(); ++i) {
     if constexpr (std::is_same_v<T, float>) {
@@ -189,8 +211,10 @@ std::string Describe(const ScanGeometry& g, const char* type) {
 
 void CheckProblem(const Problem& p) {
   const std::vector<double> expected = Naive(p.g, p.values);
-  Compare(RunKernel<float>(p), expected, 1e-5, Describe(p.g, "float32"));
-  Compare(RunKernel<Half>(p), expected, 2e-3, Describe(p.g, "float16"));
+  for (Calls calls : kAllCalls) {
+    Compare(RunKernel<float>(p, calls), expected, 1e-5, Describe(p.g, "float32") + ", " + Name(calls));
+    Compare(RunKernel<Half>(p, calls), expected, 2e-3, Describe(p.g, "float16") + ", " + Name(calls));
+  }
 }
 
 void TestSmallShapes() {
@@ -278,6 +302,35 @@ void TestNonFiniteEdges() {
       q.bits[0][row * W + col] = kInf, q.values[0][row * W + col] = INFINITY;
       q.bits[1][row * W + col] = 0x3C00, q.values[1][row * W + col] = 1.0f;
       CheckProblem(q);
+    }
+  }
+}
+
+// Column scans of small planes scan several planes in one line (ScanPlanes): a plane's edge
+// neighbours are another plane's values, and must contribute nothing even when they are inf, and
+// the edge weights are NaN or inf. Planes of 1 to 32 rows (1 to 16 per line), the
+// non-finite values in every third plane, per-channel and grouped weights.
+void TestBatchedPlanesIsolated() {
+  const uint16_t kNaN = 0x7E00, kInf = 0x7C00;
+  for (Direction d : {Direction::kLeftToRight, Direction::kRightToLeft}) {
+    for (const auto& shape : {std::array<int64_t, 4>{20, 20, 7, 7}, {11, 11, 14, 9},
+                              {12, 4, 28, 28}, {6, 6, 32, 5}, {40, 40, 1, 3}, {18, 6, 3, 17}}) {
+      const int64_t C = shape[0], G = shape[1], H = shape[2], W = shape[3];
+      Problem p = MakeProblem(1, C, G, H, W, d, 0, 9000 + static_cast<unsigned>(H * C));
+      // +inf where the scan of every third plane starts (lam = 1, weights > 0): it spreads over
+      // that plane's rows, its edge rows included, beside the next and previous planes.
+      const int64_t first_column = d == Direction::kRightToLeft ? W - 1 : 0;
+      for (int64_t c = 0; c < C; c += 3) {
+        const int64_t i = c * H * W + first_column;
+        p.bits[0][i] = kInf, p.values[0][i] = INFINITY;
+        p.bits[1][i] = 0x3C00, p.values[1][i] = 1.0f;
+      }
+      for (int64_t i = 0; i < G * H * W; ++i) {  // weights reaching out of the plane
+        const int64_t row = (i / W) % H;
+        if (row == 0) p.bits[2][i] = kNaN, p.values[2][i] = NAN;  // gl
+        if (row == H - 1) p.bits[4][i] = kInf, p.values[4][i] = INFINITY;  // gr
+      }
+      CheckProblem(p);
     }
   }
 }
@@ -412,7 +465,7 @@ std::vector<double> NaiveFused(const FusedProblem& p) {
 }
 
 template <typename T>
-std::vector<float> RunFused(const FusedProblem& p) {
+std::vector<float> RunFused(const FusedProblem& p, Calls calls) {
   std::vector<T> storage[7];
   for (int k = 0; k < 7; ++k) {
     storage[k].resize(p.bits[k].size());
@@ -426,11 +479,17 @@ std::vector<float> RunFused(const FusedProblem& p) {
   }
   std::vector<T> y(p.values[0].size());
   std::vector<float> scratch(gspn::FusedScratchFloats(p.g, std::is_same_v<T, Half>) + 1, NAN);
-  for (int64_t plane = 0; plane < p.g.batch * p.g.channels; ++plane) {
-    gspn::FusedScanPlane<T>(p.g, plane, storage[0].data(), storage[1].data(), storage[2].data(),
-                            storage[3].data(), storage[4].data(), storage[5].data(),
-                            storage[6].data(), y.data(), scratch.data());
-  }
+  ForPlanes(calls, p.g.batch * p.g.channels, [&](int64_t first, int64_t count) {
+    if (count == 1) {
+      gspn::FusedScanPlane<T>(p.g, first, storage[0].data(), storage[1].data(), storage[2].data(),
+                              storage[3].data(), storage[4].data(), storage[5].data(),
+                              storage[6].data(), y.data(), scratch.data());
+    } else {
+      gspn::FusedScanPlanes<T>(p.g, first, count, storage[0].data(), storage[1].data(),
+                               storage[2].data(), storage[3].data(), storage[4].data(),
+                               storage[5].data(), storage[6].data(), y.data(), scratch.data());
+    }
+  });
   std::vector<float> out(y.size());
   for (size_t i = 0; i < y.size(); ++i) {
     if constexpr (std::is_same_v<T, float>) {
@@ -444,8 +503,12 @@ std::vector<float> RunFused(const FusedProblem& p) {
 
 void CheckFused(const FusedProblem& p) {
   const std::vector<double> expected = NaiveFused(p);
-  Compare(RunFused<float>(p), expected, 1e-5, "fused " + Describe(p.g, "float32"));
-  Compare(RunFused<Half>(p), expected, 2e-3, "fused " + Describe(p.g, "float16"));
+  for (Calls calls : kAllCalls) {
+    Compare(RunFused<float>(p, calls), expected, 1e-5,
+            "fused " + Describe(p.g, "float32") + ", " + Name(calls));
+    Compare(RunFused<Half>(p, calls), expected, 2e-3,
+            "fused " + Describe(p.g, "float16") + ", " + Name(calls));
+  }
 }
 
 // Small and odd shapes, one-wide maps, groups, chunks, every direction.
@@ -585,6 +648,7 @@ int main() {
   TestSmallShapes();
   TestColumnScanPaths();
   TestNonFiniteEdges();
+  TestBatchedPlanesIsolated();
   TestTallColumnsAndScratchBound();
   TestOffsetsBeyond2To31<float>();
   TestOffsetsBeyond2To31<Half>();
