@@ -42,7 +42,7 @@ constexpr int64_t kGuard = 8;           // zero floats around each line of h (se
 constexpr int64_t kCacheLine = 16;      // floats
 constexpr int64_t kMaxShortLine = 64;   // longest line scanned in registers (ScanShortLines)
 constexpr float kNormalizationFloor = 1e-7f;  // t = max(s_l + s_m + s_r, 1e-7): SPEC section 3
-// Strips are sized so that their six transposed blocks stay in a core's L1 data cache (32 KiB
+// Strips are sized so that their five transposed blocks stay in a core's L1 data cache (32 KiB
 // and more on the AVX2 machines this targets) next to the rows being read.
 constexpr int64_t kStripCacheBytes = int64_t{32} << 10;
 
@@ -50,7 +50,7 @@ inline int64_t RoundUp(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
 
-// Scratch of a column scan: six transposed blocks (x, lam, gl, gm, gr, h) of `strip` lines, then
+// Scratch of a column scan: five transposed blocks (lam x, gl, gm, gr, h) of `strip` lines, then
 // the line carried from one strip to the next. Line t of a block starts at
 // kGuard + t * line_stride: H floats, zero padding to `padded` = RoundUp(H, 8) (so that the line
 // update and the tile transposes work on whole 8-float vectors), and a gap to the next line that
@@ -59,9 +59,12 @@ inline int64_t RoundUp(int64_t value, int64_t multiple) {
 // more where it would be a multiple of 512 bytes: the eight lines a tile transpose writes would
 // otherwise share one or few L1 sets (4 KiB per way) with the eight rows it reads, which share a
 // set when W is a power of two (unpadded, 1024-high strips of 32 columns ran 1.9x slower).
-// Blocks are one cache line more than their lines apart, so that the same position of the six
+// Blocks are one cache line more than their lines apart, so that the same position of the five
 // blocks does not share an address modulo 4 KiB (the line update's loads would wait on its
 // store).
+// lam x is transposed as one product (both are only ever used multiplied): one transpose and
+// one block fewer than x and lam apart.
+constexpr int64_t kColumnBlocks = 5;
 struct ColumnLayout {
   int64_t strip;
   int64_t padded;
@@ -70,9 +73,9 @@ struct ColumnLayout {
   int64_t carry;  // floats of the carried line, guards included
 };
 
-// Strip width: the whole plane when its six blocks fit kStripCacheBytes (maps up to 28x28 and
+// Strip width: the whole plane when its five blocks fit kStripCacheBytes (maps up to 28x28 and
 // tall narrow ones), else the widest strips of whole tiles (at least kMinStripLines columns)
-// that fit, evened out over the plane. The six blocks never take more than kMaxStripScratchBytes
+// that fit, evened out over the plane. The five blocks never take more than kMaxStripScratchBytes
 // unless a single column needs more (H > ~349000): for H > 21845 strips narrow below 16 columns.
 // `planes` planes scanned together (see BatchPlanes) lay their columns end to end in each line:
 // plane p at positions [p H, p H + H); its transposes write whole tiles from p H, hence the line
@@ -83,8 +86,8 @@ ColumnLayout MakeColumnLayout(const ScanGeometry& g, int64_t planes) {
   int64_t line_stride = std::max(padded, written) + kGuard;
   if (line_stride % (8 * kCacheLine) == 0) line_stride += kCacheLine;
   const int64_t block_extra = kGuard + kCacheLine;
-  const int64_t line_bytes = 6 * line_stride * static_cast<int64_t>(sizeof(float));
-  const int64_t extra_bytes = 6 * block_extra * static_cast<int64_t>(sizeof(float));
+  const int64_t line_bytes = kColumnBlocks * line_stride * static_cast<int64_t>(sizeof(float));
+  const int64_t extra_bytes = kColumnBlocks * block_extra * static_cast<int64_t>(sizeof(float));
   const int64_t fitting = (static_cast<int64_t>(kMaxStripScratchBytes) - extra_bytes) / line_bytes;
   int64_t strip = std::max(kMinStripLines, kStripCacheBytes / line_bytes / kTile * kTile);
   if (strip < g.width) {
@@ -349,20 +352,21 @@ inline bool StartsSegment(int64_t scan_index, int64_t chunk) {
 // [0, padded) as in PropagateLine, in whole vectors, edges included. The caller has cleared
 // gl[0] and gr[length - 1] and keeps prev[-1] and prev[length..padded] zero, so that out-of-line
 // neighbours contribute zero whatever their weight holds; out[length..padded) is written zero.
-inline void PropagatePaddedLine(const float* __restrict__ x, const float* __restrict__ lam,
-                                const float* __restrict__ gl, const float* __restrict__ gm,
-                                const float* __restrict__ gr, const float* __restrict__ prev,
-                                float* __restrict__ out, int64_t length, int64_t padded) {
+// `lx` holds lam x.
+inline void PropagatePaddedLine(const float* __restrict__ lx, const float* __restrict__ gl,
+                                const float* __restrict__ gm, const float* __restrict__ gr,
+                                const float* __restrict__ prev, float* __restrict__ out,
+                                int64_t length, int64_t padded) {
   for (int64_t p = 0; p < padded; ++p) {
-    out[p] = lam[p] * x[p] + (gl[p] * prev[p - 1] + gm[p] * prev[p] + gr[p] * prev[p + 1]);
+    out[p] = lx[p] + (gl[p] * prev[p - 1] + gm[p] * prev[p] + gr[p] * prev[p + 1]);
   }
   for (int64_t p = length; p < padded; ++p) out[p] = 0.0f;
 }
 
-// The first line of a segment on a padded line: out[p] = lam[p] x[p], zero past `length`.
-inline void StartPaddedLine(const float* __restrict__ x, const float* __restrict__ lam,
-                            float* __restrict__ out, int64_t length, int64_t padded) {
-  for (int64_t p = 0; p < padded; ++p) out[p] = lam[p] * x[p];
+// The first line of a segment on a padded line: out[p] = lx[p] (lam x), zero past `length`.
+inline void StartPaddedLine(const float* __restrict__ lx, float* __restrict__ out, int64_t length,
+                            int64_t padded) {
+  for (int64_t p = 0; p < padded; ++p) out[p] = lx[p];
   for (int64_t p = length; p < padded; ++p) out[p] = 0.0f;
 }
 
@@ -375,6 +379,19 @@ void TransposeScalar(const Src* __restrict__ src, int64_t src_stride, Dst* __res
     const Src* src_row = src + r * src_stride;
     for (int64_t c = 0; c < cols; ++c) {
       dst[c * dst_stride + r] = FromFloat<Dst>(ToFloat(src_row[c]));
+    }
+  }
+}
+
+// The transpose of the elementwise product of two (rows x cols) blocks, in float32.
+template <typename Src>
+void TransposeProductScalar(const Src* __restrict__ a, const Src* __restrict__ b,
+                            int64_t src_stride, float* __restrict__ dst, int64_t dst_stride,
+                            int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t i = r * src_stride + c;
+      dst[c * dst_stride + r] = ToFloat(b[i]) * ToFloat(a[i]);
     }
   }
 }
@@ -457,25 +474,35 @@ inline __m256i FirstLanes(int64_t count) {
 }
 
 // Transposes the (rows x cols) region of a plane at `src` (row stride src_stride) into lines:
-// dst[c * dst_stride + r] = src[r * src_stride + c]. Reads exactly the region (masked loads at
-// its edges); a line is written in whole tiles, up to RoundUp(rows, 8) floats (zeros past rows),
-// so dst_stride must be at least that.
-void TransposeToLines(const float* __restrict__ src, int64_t src_stride, float* __restrict__ dst,
-                      int64_t dst_stride, int64_t rows, int64_t cols, const Ahead& ahead) {
+// dst[c * dst_stride + r] = src[r * src_stride + c], times scale[r * src_stride + c] where
+// `scale` is not null. Reads exactly the region (masked loads at its edges); a line is written in
+// whole tiles, up to RoundUp(rows, 8) floats (zeros past rows), so dst_stride must be at least
+// that.
+void TransposeToLines(const float* __restrict__ src, const float* __restrict__ scale,
+                      int64_t src_stride, float* __restrict__ dst, int64_t dst_stride,
+                      int64_t rows, int64_t cols, const Ahead& ahead, const Ahead& scale_ahead) {
   for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
     const int64_t nr = std::min(kTile, rows - r0);
     PrefetchRows<false>(ahead, r0, kTile);
-    const float* src_rows = src + r0 * src_stride;
+    if (scale != nullptr) PrefetchRows<false>(scale_ahead, r0, kTile);
+    const int64_t row_offset = r0 * src_stride;
     for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
       const int64_t nc = std::min(kTile, cols - c0);
       __m256 v[8];
       if (nr == kTile && nc == kTile) {
-        for (int k = 0; k < 8; ++k) v[k] = _mm256_loadu_ps(src_rows + k * src_stride + c0);
+        for (int k = 0; k < 8; ++k) {
+          const int64_t i = row_offset + k * src_stride + c0;
+          v[k] = _mm256_loadu_ps(src + i);
+          if (scale != nullptr) v[k] = _mm256_mul_ps(_mm256_loadu_ps(scale + i), v[k]);
+        }
       } else {
         const __m256i mask = FirstLanes(nc);
         for (int k = 0; k < 8; ++k) {
-          v[k] = k < nr ? _mm256_maskload_ps(src_rows + k * src_stride + c0, mask)
-                        : _mm256_setzero_ps();
+          const int64_t i = row_offset + k * src_stride + c0;
+          v[k] = k < nr ? _mm256_maskload_ps(src + i, mask) : _mm256_setzero_ps();
+          if (scale != nullptr && k < nr) {
+            v[k] = _mm256_mul_ps(_mm256_maskload_ps(scale + i, mask), v[k]);
+          }
         }
       }
       Transpose8x8(v);
@@ -642,11 +669,25 @@ void ToLines(const Src* __restrict__ src, int64_t src_stride, float* __restrict_
              int64_t dst_stride, int64_t rows, int64_t cols, [[maybe_unused]] const Ahead& ahead) {
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<Src, float>) {
-    TransposeToLines(src, src_stride, dst, dst_stride, rows, cols, ahead);
+    TransposeToLines(src, nullptr, src_stride, dst, dst_stride, rows, cols, ahead, ahead);
     return;
   }
 #endif
   TransposeScalar(src, src_stride, dst, dst_stride, rows, cols);
+}
+
+// Two plane regions -> the lines of their product (lam x), in float32.
+template <typename Src>
+void ProductToLines(const Src* __restrict__ a, const Src* __restrict__ b, int64_t src_stride,
+                    float* __restrict__ dst, int64_t dst_stride, int64_t rows, int64_t cols,
+                    [[maybe_unused]] const Ahead& a_ahead, [[maybe_unused]] const Ahead& b_ahead) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Src, float>) {
+    TransposeToLines(a, b, src_stride, dst, dst_stride, rows, cols, a_ahead, b_ahead);
+    return;
+  }
+#endif
+  TransposeProductScalar(a, b, src_stride, dst, dst_stride, rows, cols);
 }
 
 // Lines -> the plane region of `sink` (see TransposeFromLines), converting from float32.
@@ -762,7 +803,7 @@ void RowScanLines(const ScanGeometry& g, const Plane<T, kInputs>& plane, float* 
 // even inf or NaN of another plane contributes exactly zero). `carry` holds the line before the
 // strip (zero padded) and receives its last line.
 template <int kVectors, bool kSegmented>
-void ScanShortLines(const float* xs, const float* lams, const float* gls, const float* gms,
+void ScanShortLines(const float* lxs, const float* gls, const float* gms,
                     const float* grs, float* hs, float* carry, int64_t stride, int64_t length,
                     int64_t segment, int64_t n, int64_t j0, int64_t width, bool reversed,
                     int64_t chunk) {
@@ -795,8 +836,7 @@ void ScanShortLines(const float* xs, const float* lams, const float* gls, const 
     __m256 next[kVectors];
     if (StartsSegment(s, chunk)) {
       for (int k = 0; k < kVectors; ++k) {
-        next[k] = _mm256_mul_ps(_mm256_loadu_ps(lams + offset + k * kTile),
-                                _mm256_loadu_ps(xs + offset + k * kTile));
+        next[k] = _mm256_loadu_ps(lxs + offset + k * kTile);
       }
     } else {
       __m256 up[kVectors], down[kVectors];  // lanes rotated by one, fixed up below
@@ -819,9 +859,8 @@ void ScanShortLines(const float* xs, const float* lams, const float* gls, const 
           if (k == kVectors - 1) gr = _mm256_and_ps(gr, has_below[k]);
         }
         // Ordered for a short dependency chain from prev (the permutes run beside the first FMA).
-        __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(lams + offset + k * kTile),
-                                   _mm256_loadu_ps(xs + offset + k * kTile));
-        sum = _mm256_fmadd_ps(_mm256_loadu_ps(gms + offset + k * kTile), prev[k], sum);
+        __m256 sum = _mm256_fmadd_ps(_mm256_loadu_ps(gms + offset + k * kTile), prev[k],
+                                     _mm256_loadu_ps(lxs + offset + k * kTile));
         sum = _mm256_fmadd_ps(gl, above, sum);
         next[k] = _mm256_fmadd_ps(gr, below, sum);
       }
@@ -853,14 +892,13 @@ void ColumnScan(const ScanGeometry& g, const Plane<T, kInputs>* planes, int64_t 
   const ColumnLayout layout = MakeColumnLayout(g, count);
   const int64_t strip = layout.strip, stride = layout.line_stride, padded = layout.padded;
   const int64_t length = count * H;  // positions of a line
-  float* xs = scratch + kGuard;  // line t of a block at block + t * stride
-  float* lams = xs + layout.block;
-  float* gls = lams + layout.block;
+  float* lxs = scratch + kGuard;  // lam x; line t of a block at block + t * stride
+  float* gls = lxs + layout.block;
   float* gms = gls + layout.block;
   float* grs = gms + layout.block;
   float* hs = grs + layout.block;
   float* carry = hs - kGuard + layout.block + kGuard;  // the last line of the previous strip
-  float* const blocks[5] = {xs, lams, gls, gms, grs};  // of slots kData to kRight
+  float* const blocks[kRight + 1] = {nullptr, nullptr, gls, gms, grs};  // of the weight slots
   // Zero the gaps between the lines of h, and the guards of the carried line.
   for (int64_t t = 0; t <= strip; ++t) {
     float* gap = hs + (t - 1) * stride + padded;
@@ -921,7 +959,10 @@ void ColumnScan(const ScanGeometry& g, const Plane<T, kInputs>* planes, int64_t 
   for (int64_t k = 0; k < strip_count; ++k) {
     int64_t j0, n;
     columns(k, &j0, &n);
-    for (int slot = kData; slot <= kRight; ++slot) {
+    // x and lam of adjacent planes are adjacent: one region.
+    ProductToLines(planes[0].in[kData] + j0, planes[0].in[kLam] + j0, W, lxs, stride, length, n,
+                   ahead(k, kData, 0, count), ahead(k, kLam, 0, count));
+    for (int slot = kLeft; slot <= kRight; ++slot) {
       if (adjacent(slot)) {
         ToLines(planes[0].in[slot] + j0, W, blocks[slot], stride, length, n,
                 ahead(k, slot, 0, count));
@@ -946,7 +987,7 @@ void ColumnScan(const ScanGeometry& g, const Plane<T, kInputs>* planes, int64_t 
     if (padded <= kMaxShortLine) {
       const auto scan = [&](auto vectors, auto segmented) {
         ScanShortLines<decltype(vectors)::value, decltype(segmented)::value>(
-            xs, lams, gls, gms, grs, hs, carry, stride, length, H, n, j0, W, reversed, g.chunk);
+            lxs, gls, gms, grs, hs, carry, stride, length, H, n, j0, W, reversed, g.chunk);
       };
       const auto scan_lines = [&](auto segmented) {
         switch (padded / kTile) {
@@ -976,12 +1017,12 @@ void ColumnScan(const ScanGeometry& g, const Plane<T, kInputs>* planes, int64_t 
       const int64_t s = reversed ? W - 1 - (j0 + line) : j0 + line;
       const int64_t offset = line * stride;
       if (StartsSegment(s, g.chunk)) {
-        StartPaddedLine(xs + offset, lams + offset, hs + offset, H, padded);
+        StartPaddedLine(lxs + offset, hs + offset, H, padded);
       } else {
         gls[offset] = 0.0f;  // no neighbour above the first position
         grs[offset + H - 1] = 0.0f;  // nor below the last
-        PropagatePaddedLine(xs + offset, lams + offset, gls + offset, gms + offset, grs + offset,
-                            prev, hs + offset, H, padded);
+        PropagatePaddedLine(lxs + offset, gls + offset, gms + offset, grs + offset, prev,
+                            hs + offset, H, padded);
       }
       prev = hs + offset;
     }
@@ -1036,7 +1077,7 @@ size_t ScratchFloats(const ScanGeometry& g, bool half_precision) {
   size_t floats = 0;
   for (int64_t planes = 1; planes <= BatchPlanes(g); ++planes) {
     const ColumnLayout layout = MakeColumnLayout(g, planes);
-    floats = std::max(floats, static_cast<size_t>(6 * layout.block + layout.carry));
+    floats = std::max(floats, static_cast<size_t>(kColumnBlocks * layout.block + layout.carry));
   }
   return floats;
 }

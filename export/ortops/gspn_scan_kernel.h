@@ -32,10 +32,10 @@ struct Half {
 };
 
 // Float32 scratch (in elements) that ScanPlane needs for planes of `geometry`: 0 for float32 row
-// scans, 7 W for float16 row scans; for column scans six blocks of S transposed, zero-padded
+// scans, 7 W for float16 row scans; for column scans five blocks of S transposed, zero-padded
 // lines of about H floats (P H for P planes scanned together, see ScanPlanes: P H <= 64) and one
-// carried line, about (6 S + 1) H, where the strip width S (1 to W
-// columns) keeps the six blocks within kMaxStripScratchBytes unless one column alone needs more.
+// carried line, about (5 S + 1) H, where the strip width S (1 to W
+// columns) keeps the five blocks within kMaxStripScratchBytes unless one column alone needs more.
 // So a worker never needs more than max(kMaxStripScratchBytes, 24 H + 2048) + 4 H + 128 bytes for
 // a column scan, 28 W bytes for a float16 row scan, whatever B and C are.
 constexpr size_t kMaxStripScratchBytes = size_t{8} << 20;
