@@ -809,21 +809,32 @@ void ScanShortLines(const float* lxs, const float* gls, const float* gms,
                     int64_t chunk) {
   const __m256 zero = _mm256_setzero_ps();
   // Lanes of each vector: inside the line, with a neighbour above (p - 1 in the same plane),
-  // with one below (p + 1 in the same plane).
+  // with one below (p + 1 in the same plane). One plane: only the last vector has lanes outside
+  // or without a neighbour below (the first lane's above is cleared by the blend below).
   __m256 in_line[kVectors], has_above[kVectors], has_below[kVectors];
-  for (int k = 0; k < kVectors; ++k) {
-    alignas(32) int32_t inside[kTile], above[kTile], below[kTile];
-    for (int64_t lane = 0; lane < kTile; ++lane) {
-      const int64_t p = k * kTile + lane;
-      const int64_t q = p % segment;
-      inside[lane] = p < length ? -1 : 0;
-      above[lane] = p < length && q != 0 ? -1 : 0;
-      below[lane] = p < length && q != segment - 1 ? -1 : 0;
+  if constexpr (kSegmented) {
+    int64_t q = 0;  // p % segment
+    for (int k = 0; k < kVectors; ++k) {
+      alignas(32) int32_t inside[kTile], above[kTile], below[kTile];
+      for (int64_t lane = 0; lane < kTile; ++lane) {
+        const bool in = k * kTile + lane < length;
+        inside[lane] = in ? -1 : 0;
+        above[lane] = in && q != 0 ? -1 : 0;
+        below[lane] = in && q != segment - 1 ? -1 : 0;
+        q = q + 1 == segment ? 0 : q + 1;
+      }
+      const auto load = [](const int32_t* lanes) {
+        return _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
+      };
+      in_line[k] = load(inside), has_above[k] = load(above), has_below[k] = load(below);
     }
-    const auto load = [](const int32_t* lanes) {
-      return _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
-    };
-    in_line[k] = load(inside), has_above[k] = load(above), has_below[k] = load(below);
+  } else {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int32_t last_lane = static_cast<int32_t>((length - 1) % kTile);
+    in_line[kVectors - 1] =
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(last_lane + 1), lanes));
+    has_below[kVectors - 1] =
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(last_lane), lanes));
   }
   const __m256i rotate_up = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
   const __m256i rotate_down = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0);
@@ -849,7 +860,7 @@ void ScanShortLines(const float* lxs, const float* gls, const float* gms,
         __m256 below = _mm256_blend_ps(down[k], k + 1 < kVectors ? down[k + 1] : zero, 0x80);
         __m256 gl = _mm256_loadu_ps(gls + offset + k * kTile);
         __m256 gr = _mm256_loadu_ps(grs + offset + k * kTile);
-        if (kSegmented) {
+        if constexpr (kSegmented) {
           above = _mm256_and_ps(above, has_above[k]);
           below = _mm256_and_ps(below, has_below[k]);
           gl = _mm256_and_ps(gl, has_above[k]);
@@ -865,11 +876,8 @@ void ScanShortLines(const float* lxs, const float* gls, const float* gms,
         next[k] = _mm256_fmadd_ps(gr, below, sum);
       }
     }
-    if (kSegmented) {
-      for (int k = 0; k < kVectors; ++k) next[k] = _mm256_and_ps(next[k], in_line[k]);
-    } else {
-      next[kVectors - 1] = _mm256_and_ps(next[kVectors - 1], in_line[kVectors - 1]);
-    }
+    // Lines are padded to whole vectors: only the last one has lanes outside.
+    next[kVectors - 1] = _mm256_and_ps(next[kVectors - 1], in_line[kVectors - 1]);
     for (int k = 0; k < kVectors; ++k) {
       _mm256_storeu_ps(hs + offset + k * kTile, next[k]);
       prev[k] = next[k];
