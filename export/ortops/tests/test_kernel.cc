@@ -220,7 +220,8 @@ void CheckProblem(const Problem& p) {
 void TestSmallShapes() {
   const int64_t shapes[][5] = {{1, 1, 1, 1, 1},  {1, 1, 1, 1, 7},  {1, 1, 1, 7, 1},
                                {2, 4, 2, 5, 6},  {1, 6, 3, 9, 17}, {2, 3, 1, 17, 9},
-                               {1, 2, 2, 33, 40}, {1, 1, 1, 3, 100}, {1, 1, 1, 100, 3}};
+                               {1, 2, 2, 33, 40}, {1, 1, 1, 3, 100}, {1, 1, 1, 100, 3},
+                               {1, 2, 1, 5, 1024}};  // rows 4 KiB apart
   const int64_t chunks[] = {0, 1, 3, 8, int64_t{1} << 40};
   unsigned seed = 1;
   for (const auto& s : shapes) {
@@ -515,7 +516,8 @@ void CheckFused(const FusedProblem& p) {
 void TestFusedShapes() {
   const int64_t shapes[][5] = {{1, 1, 1, 1, 1},  {1, 1, 1, 1, 7},  {1, 1, 1, 7, 1},
                                {2, 4, 2, 5, 6},  {1, 6, 3, 9, 17}, {2, 3, 1, 17, 9},
-                               {1, 2, 2, 33, 40}, {1, 1, 1, 3, 100}, {1, 1, 1, 100, 3}};
+                               {1, 2, 2, 33, 40}, {1, 1, 1, 3, 100}, {1, 1, 1, 100, 3},
+                               {1, 2, 1, 5, 1024}};  // rows 4 KiB apart
   unsigned seed = 20000;
   for (const auto& s : shapes) {
     for (Direction d : kDirections) {
