@@ -115,25 +115,36 @@ def entry_record(device: str, dtype: str, library: str = "scan") -> dict:
             "tvm": tvm.__version__, "library": library}  # fmt: skip
 
 
-def _library_functions(library: str) -> dict[str, str]:
-    """Symbol -> name of the schedule function (in each target's schedule module) of ``library``."""
+def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str, str, dict]]:
+    """Symbol -> (schedule function of the target's schedule module, direction, its options) of
+    ``library``; on CUDA the row-scan forwards also come in a wide variant (see
+    :data:`gspn_tvm.schedules.cuda.WIDE_THREADS`)."""
     _check_library(library)
     if library == "fused":
-        return {compute.fused_forward_name(d): ("schedule_fused_forward", d) for d in DIRECTIONS}
-    return {name(d): (schedule, d) for d in DIRECTIONS
-            for name, schedule in ((compute.forward_name, "schedule_forward"), (compute.backward_name, "schedule_backward"))}  # fmt: skip
+        forwards = {compute.fused_forward_name(d): ("schedule_fused_forward", d, {}) for d in DIRECTIONS}
+        functions = dict(forwards)
+    else:
+        forwards = {compute.forward_name(d): ("schedule_forward", d, {}) for d in DIRECTIONS}
+        functions = {**forwards, **{compute.backward_name(d): ("schedule_backward", d, {}) for d in DIRECTIONS}}
+    if device == "cuda":
+        for symbol, (rule, direction, _) in forwards.items():
+            if direction in cuda_schedule.WIDE_DIRECTIONS:
+                functions[cuda_schedule.wide_name(symbol)] = (rule, direction, {"threads": cuda_schedule.WIDE_THREADS})
+    return functions
 
 
-def function_names(library: str = "scan") -> list[str]:
+def function_names(library: str = "scan", device: str = "cpu") -> list[str]:
     """The functions of a library: the scan's 8 (forward and adjoint for every direction), the
-    fused library's 4 (the fused forward for every direction)."""
-    return list(_library_functions(library))
+    fused library's 4 (the fused forward for every direction); on CUDA plus the wide variants of
+    the row-scan forwards."""
+    return list(_library_functions(library, device))
 
 
 def scan_module(device: str, dtype: str, library: str = "scan") -> tvm.IRModule:
     """The scheduled IRModule of ``library`` (every direction) for ``device`` and ``dtype``."""
     schedule = SCHEDULES[device]
-    functions = {symbol: getattr(schedule, rule)(direction, dtype) for symbol, (rule, direction) in _library_functions(library).items()}
+    functions = {symbol: getattr(schedule, rule)(direction, dtype, **options).with_attr("global_symbol", symbol)
+                 for symbol, (rule, direction, options) in _library_functions(library, device).items()}  # fmt: skip
     return tvm.IRModule(functions)
 
 
@@ -219,7 +230,7 @@ def verify_entry(path: Path, record: dict) -> str | None:
 def _load_entry(path: Path, record: dict):
     """``(library, None)`` for a verified entry; ``(None, reason)`` otherwise (``reason`` None: no entry)."""
     kind = record.get("library", "scan")
-    names = function_names(kind)
+    names = function_names(kind, record["device"])
     if not path.exists() and not path.is_symlink():
         return None, None
     problem = verify_entry(path, record)

@@ -95,6 +95,13 @@ def _compiled(name: str, x: torch.Tensor, kind: str = "scan"):
     return library(x.device.type, x.dtype, kind)[name]
 
 
+def _forward_symbol(symbol: str, direction: str, x: torch.Tensor) -> str:
+    """``symbol``, or its wide variant where the CUDA schedule has one for ``x``'s lines."""
+    if x.device.type == "cuda" and cuda_schedule.uses_wide(direction, x.shape[2], x.shape[3]):
+        return cuda_schedule.wide_name(symbol)
+    return symbol
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous()
 
@@ -111,7 +118,8 @@ def scan_forward(x, lam, gl, gm, gr, direction: str, chunk: int) -> torch.Tensor
         return gspn_scan_ref(x, lam, gl, gm, gr, direction, chunk)
     x, lam, gl, gm, gr = (_dense(t) for t in (x, lam, gl, gm, gr))
     h = torch.empty_like(x)
-    _compiled(compute.forward_name(direction), x)(x, lam, gl, gm, gr, h, _kernel_chunk(chunk, direction, x))
+    kernel = _compiled(_forward_symbol(compute.forward_name(direction), direction, x), x)
+    kernel(x, lam, gl, gm, gr, h, _kernel_chunk(chunk, direction, x))
     return h
 
 
@@ -145,7 +153,8 @@ def fused_scan_forward(u, lam, al, am, ar, gate, skip, direction: str, chunk: in
         return gspn_fused_scan_ref(u, lam, al, am, ar, gate, skip, direction, chunk)
     inputs = tuple(_dense(t) for t in (u, lam, al, am, ar, gate, skip))
     y = torch.empty_like(inputs[0])
-    _compiled(compute.fused_forward_name(direction), y, "fused")(*inputs, y, _kernel_chunk(chunk, direction, y))
+    kernel = _compiled(_forward_symbol(compute.fused_forward_name(direction), direction, y), y, "fused")
+    kernel(*inputs, y, _kernel_chunk(chunk, direction, y))
     return y
 
 

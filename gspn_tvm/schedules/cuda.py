@@ -24,12 +24,31 @@ from tvm import s_tir
 from ..compute import fused_scan_forward, scan_backward, scan_forward
 
 THREADS = 256
+#: Threads per block of the wide variants of the row-scan forwards (``t2b``, ``b2t``), which run for
+#: rows of at least ``WIDE_MIN_LENGTH`` positions. Each line step costs one barrier and one round of
+#: dependent global loads per ``threads`` positions, so a row of 1024 takes four rounds with 256
+#: threads and one with 1024: measured on an H100 at (16, 8, 1024, 1024), t2b 7.3 ms with 256
+#: threads, 4.9 ms with 512, 4.5 ms with 1024; at 56x56 planes 1024 threads are 2.9x slower than 256
+#: (few positions, idle threads at every barrier). Column scans gained nothing (30.4 vs 29.6 ms).
+WIDE_THREADS = 1024
+WIDE_MIN_LENGTH = 384
+WIDE_DIRECTIONS = ("t2b", "b2t")
 
 
-def _bind_positions(sch: s_tir.Schedule, block) -> None:
-    """Map the innermost (position) loop of ``block`` onto ``threadIdx.x``."""
+def wide_name(symbol: str) -> str:
+    """Symbol of the wide (``WIDE_THREADS``) variant of the compiled function ``symbol``."""
+    return f"{symbol}_wide"
+
+
+def uses_wide(direction: str, H: int, W: int) -> bool:
+    """Whether a forward of ``direction`` over (H, W) planes runs the wide variant."""
+    return direction in WIDE_DIRECTIONS and W >= WIDE_MIN_LENGTH
+
+
+def _bind_positions(sch: s_tir.Schedule, block, threads: int = THREADS) -> None:
+    """Map the innermost (position) loop of ``block`` onto ``threads`` of ``threadIdx.x``."""
     loop = sch.get_loops(block)[-1]
-    _, inner = sch.split(loop, [None, THREADS])
+    _, inner = sch.split(loop, [None, threads])
     sch.bind(inner, "threadIdx.x")
 
 
@@ -38,26 +57,26 @@ def _to_shared(sch: s_tir.Schedule, writer_blocks) -> None:
         sch.set_scope(sch.get_sblock(block_name), buffer_name, "shared.dyn")
 
 
-def _schedule_planes(func):
+def _schedule_planes(func, threads: int):
     """One thread block per ``(b, c)`` plane, positions on threads, the line buffers in shared memory."""
     sch = s_tir.Schedule(func)
     b, c = sch.get_loops(sch.get_sblock("plane"))
     sch.bind(sch.fuse(b, c), "blockIdx.x")
     for name in ("clear", "step", "ends", "carry", "emit"):
-        _bind_positions(sch, sch.get_sblock(name))
+        _bind_positions(sch, sch.get_sblock(name), threads)
     _to_shared(sch, (("clear", "state"), ("step", "current")))
     return sch.mod["main"]
 
 
-def schedule_forward(direction: str, dtype: str):
-    """Scheduled forward PrimFunc for ``direction`` and storage ``dtype``."""
-    return _schedule_planes(scan_forward(direction, dtype))
+def schedule_forward(direction: str, dtype: str, threads: int = THREADS):
+    """Scheduled forward PrimFunc for ``direction`` and storage ``dtype``, ``threads`` per block."""
+    return _schedule_planes(scan_forward(direction, dtype), threads)
 
 
-def schedule_fused_forward(direction: str, dtype: str):
+def schedule_fused_forward(direction: str, dtype: str, threads: int = THREADS):
     """Scheduled fused forward PrimFunc: the blocks of the forward scan, so the same mapping (the
     weights are normalized by the thread that reads them; ``h`` stays in shared memory)."""
-    return _schedule_planes(fused_scan_forward(direction, dtype))
+    return _schedule_planes(fused_scan_forward(direction, dtype), threads)
 
 
 def schedule_backward(direction: str, dtype: str):
@@ -90,9 +109,12 @@ def schedule_backward(direction: str, dtype: str):
     return sch.mod["main"]
 
 
-#: Largest on-chip state of one thread block of the adjoint (bytes); beyond it a slice does not fit
-#: in shared memory and the reference runs instead (``gspn_tvm.kernels`` warns once).
-SHARED_LIMIT_BYTES = 200 * 1024
+#: Largest on-chip state of one thread block of the adjoint (bytes); beyond it the reference runs
+#: instead (``gspn_tvm.kernels`` warns once). 48 KiB is what a block gets without opting in, and
+#: TVM 0.27's launcher does not reliably opt in: on an H100 the adjoint at (1, 8, L, L), G = 8,
+#: launched for L = 832 (48.8 KiB by :func:`backward_shared_bytes`) and failed to launch
+#: (CUDA_ERROR_INVALID_VALUE) for L = 1024 (61.5 KiB).
+SHARED_LIMIT_BYTES = 48 * 1024
 
 
 def backward_shared_bytes(C: int, G: int, length: int) -> int:

@@ -20,6 +20,8 @@ NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: CUDA kernels cannot be compiled here")
 
 FUNCTIONS = [compute.forward_name(d) for d in DIRECTIONS] + [compute.backward_name(d) for d in DIRECTIONS]
+#: The row-scan forwards also come with 1024 threads per block, for long rows.
+WIDE_FUNCTIONS = [f"gspn_scan_forward_{d}_wide" for d in ("t2b", "b2t")]
 
 
 @pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
@@ -45,7 +47,36 @@ def test_one_kernel_per_scan(cuda_source):
     dtype, source = cuda_source
     bodies = _kernel_bodies(source)
     print(dtype, sorted(bodies))
-    assert sorted(bodies) == sorted(f"{name}_kernel" for name in FUNCTIONS)
+    assert sorted(bodies) == sorted(f"{name}_kernel" for name in FUNCTIONS + WIDE_FUNCTIONS)
+
+
+def test_wide_row_forwards_launch_1024_threads(cuda_source):
+    """The wide variants are the same kernels with 1024 threads per block; every other kernel 256."""
+    _, source = cuda_source
+    bounds = dict((name, int(threads)) for threads, name in
+                  re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\(', source))  # fmt: skip
+    print(bounds)
+    assert {name: bounds[f"{name}_kernel"] for name in WIDE_FUNCTIONS} == dict.fromkeys(WIDE_FUNCTIONS, 1024)
+    assert {name: bounds[f"{name}_kernel"] for name in FUNCTIONS} == dict.fromkeys(FUNCTIONS, 256)
+
+
+def test_long_rows_pick_the_wide_forward():
+    """Rows of 384 and more positions run the wide kernel on CUDA; columns, short rows and the CPU never."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gspn_tvm import kernels
+
+    def fake(device, H, W):
+        return SimpleNamespace(device=torch.device(device), shape=(1, 2, H, W))
+
+    base = compute.forward_name("t2b")
+    assert kernels._forward_symbol(base, "t2b", fake("cuda", 8, 384)) == base + "_wide"
+    assert kernels._forward_symbol(base, "b2t", fake("cuda", 8, 1024)) == base + "_wide"
+    assert kernels._forward_symbol(base, "t2b", fake("cuda", 1024, 383)) == base
+    assert kernels._forward_symbol(base, "l2r", fake("cuda", 1024, 1024)) == base
+    assert kernels._forward_symbol(base, "t2b", fake("cpu", 8, 1024)) == base
 
 
 def test_barrier_between_lines(cuda_source):
@@ -88,6 +119,8 @@ def test_cuda_adjoint_falls_back_beyond_shared_memory_and_warns_once(caplog):
 
     small, large = fake(8, 8, 16, 16), fake(64, 1, 16, 1024)
     assert cuda_schedule.backward_fits(8, 8, 16) and not cuda_schedule.backward_fits(64, 1, 1024)
+    # Measured on an H100: (16, 8, 1024, 1024) with G = 8 failed to launch, lines of 300 ran.
+    assert cuda_schedule.backward_fits(8, 8, 300) and not cuda_schedule.backward_fits(8, 8, 1024)
     kernels._warned_fallbacks.clear()
     with caplog.at_level("WARNING", logger="gspn_tvm.kernels"):
         assert kernels.has_kernel(*small, "t2b", backward=True)

@@ -163,7 +163,8 @@ def fused_cuda_source(request):
 def test_fused_cuda_kernels_compile_for_sm90(fused_cuda_source, tmp_path):
     dtype, source = fused_cuda_source
     kernels_found = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', source)
-    assert set(kernels_found) == {f"{compute.fused_forward_name(d)}_kernel" for d in DIRECTIONS}
+    wide = {f"{compute.fused_forward_name(d)}_wide_kernel" for d in ("t2b", "b2t")}  # 1024 threads, long rows
+    assert set(kernels_found) == {f"{compute.fused_forward_name(d)}_kernel" for d in DIRECTIONS} | wide
     assert source.count("__syncthreads();") >= len(DIRECTIONS) and "extern __shared__" in source
     assert "threadIdx.x" in source and cuda.THREADS == 256
     path = tmp_path / f"gspn_fused_{dtype}.cu"
