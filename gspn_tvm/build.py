@@ -117,8 +117,9 @@ def entry_record(device: str, dtype: str, library: str = "scan") -> dict:
 
 def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str, str, dict]]:
     """Symbol -> (schedule function of the target's schedule module, direction, its options) of
-    ``library``; on CUDA the row-scan forwards also come in a wide variant (see
-    :data:`gspn_tvm.schedules.cuda.WIDE_THREADS`)."""
+    ``library``; on CUDA the forwards also come as line pipelines for lines of up to 1024
+    positions and (row scans) as a wide variant for longer rows (see
+    :func:`gspn_tvm.schedules.cuda.forward_symbol`)."""
     _check_library(library)
     if library == "fused":
         forwards = {compute.fused_forward_name(d): ("schedule_fused_forward", d, {}) for d in DIRECTIONS}
@@ -127,7 +128,10 @@ def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str
         forwards = {compute.forward_name(d): ("schedule_forward", d, {}) for d in DIRECTIONS}
         functions = {**forwards, **{compute.backward_name(d): ("schedule_backward", d, {}) for d in DIRECTIONS}}
     if device == "cuda":
+        pipeline = "line_pipeline_fused_forward" if library == "fused" else "line_pipeline_forward"
         for symbol, (rule, direction, _) in forwards.items():
+            for _, threads in cuda_schedule.LINE_CLASSES:
+                functions[cuda_schedule.line_class_name(symbol, threads)] = (pipeline, direction, {"threads": threads})
             if direction in cuda_schedule.WIDE_DIRECTIONS:
                 functions[cuda_schedule.wide_name(symbol)] = (rule, direction, {"threads": cuda_schedule.WIDE_THREADS})
     return functions
@@ -135,8 +139,8 @@ def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str
 
 def function_names(library: str = "scan", device: str = "cpu") -> list[str]:
     """The functions of a library: the scan's 8 (forward and adjoint for every direction), the
-    fused library's 4 (the fused forward for every direction); on CUDA plus the wide variants of
-    the row-scan forwards."""
+    fused library's 4 (the fused forward for every direction); on CUDA plus the forward variants
+    (line pipelines, wide rows)."""
     return list(_library_functions(library, device))
 
 

@@ -96,9 +96,9 @@ def _compiled(name: str, x: torch.Tensor, kind: str = "scan"):
 
 
 def _forward_symbol(symbol: str, direction: str, x: torch.Tensor) -> str:
-    """``symbol``, or its wide variant where the CUDA schedule has one for ``x``'s lines."""
-    if x.device.type == "cuda" and cuda_schedule.uses_wide(direction, x.shape[2], x.shape[3]):
-        return cuda_schedule.wide_name(symbol)
+    """``symbol``, or the CUDA variant that serves ``x``'s lines (:func:`cuda_schedule.forward_symbol`)."""
+    if x.device.type == "cuda":
+        return cuda_schedule.forward_symbol(symbol, direction, x.shape[2], x.shape[3])
     return symbol
 
 
@@ -151,11 +151,23 @@ def fused_scan_forward(u, lam, al, am, ar, gate, skip, direction: str, chunk: in
     _served_device(u)
     if u.dtype not in _TORCH_TO_TVM:
         return gspn_fused_scan_ref(u, lam, al, am, ar, gate, skip, direction, chunk)
+    if u.device.type == "cuda" and cuda_schedule.fused_runs_composed(direction, u.shape[2], u.shape[3]):
+        return fused_scan_composed(u, lam, al, am, ar, gate, skip, direction, chunk)
     inputs = tuple(_dense(t) for t in (u, lam, al, am, ar, gate, skip))
     y = torch.empty_like(inputs[0])
     kernel = _compiled(_forward_symbol(compute.fused_forward_name(direction), direction, y), y, "fused")
     kernel(*inputs, y, _kernel_chunk(chunk, direction, y))
     return y
+
+
+def fused_scan_composed(u, lam, al, am, ar, gate, skip, direction: str, chunk: int) -> torch.Tensor:
+    """The fused scan as torch's weight normalization, the compiled scan and torch's gate and skip,
+    all in float32 and rounded once at the end (the fused scan's contract); for the shapes where
+    that beats the fused kernel (:func:`gspn_tvm.schedules.cuda.fused_runs_composed`)."""
+    f32 = torch.float32
+    u_, lam_, al_, am_, ar_, gate_, skip_ = (_dense(t).to(f32) for t in (u, lam, al, am, ar, gate, skip))
+    h = scan_forward(u_, lam_, *normalize_weights(al_, am_, ar_, direction), direction, chunk)
+    return h.mul_(gate_).add_(u_ * skip_).to(u.dtype)
 
 
 def fused_scan_backward(gy, u, lam, al, am, ar, gate, skip, direction: str, chunk: int):

@@ -44,9 +44,12 @@ TIMED_SHAPES = ((16, 8, 1024, 1024), (1, 192, 56, 56))
 LIBRARIES = ("scan", "fused")
 CORRECTNESS_SHAPES = ((2, 4, 2, 9, 7), (1, 3, 3, 1, 13), (1, 2, 1, 11, 1), (2, 6, 3, 33, 65), (1, 2, 2, 300, 257))
 #: Rows long enough for the wide row-scan forwards (forward only: their adjoints exceed shared memory).
-WIDE_SHAPES = ((1, 2, 1, 6, 400), (1, 2, 2, 5, 1030))
-#: Row lengths where the default and the wide row-scan forwards are both timed (the switch point).
-WIDE_PROBE_LENGTHS = (256, 384, 512, 768)
+WIDE_SHAPES = ((1, 2, 1, 6, 400), (1, 2, 2, 5, 1030), (1, 2, 2, 1030, 5))
+#: Every (H, W) this check runs a forward at: the shapes above, the timed ones, GSPN-T's planes.
+PLANES = sorted({(s[3], s[4]) for s in CORRECTNESS_SHAPES + WIDE_SHAPES} | {(s[2], s[3]) for s in TIMED_SHAPES}
+                | {(n, n) for n in (56, 28, 14, 7, 256, 512, 1024)})  # fmt: skip
+#: Square planes (16, 8, L, L) where every forward variant is timed.
+VARIANT_PROBE_LENGTHS = (56, 256, 512, 1024)
 #: Line lengths of the adjoint launched at (1, 8, L, L), G = 8, around the 48 KiB shared-memory limit.
 SHARED_PROBE_LENGTHS = (512, 768, 800, 832, 1024)
 
@@ -96,8 +99,12 @@ def prepare(artifact: Path, python_version: str) -> None:
         "backward": {d: compute.backward_name(d) for d in DIRECTIONS},
         "fused": {d: compute.fused_forward_name(d) for d in DIRECTIONS},
         "threads": cuda_schedule.THREADS,
-        "wide": {"threads": cuda_schedule.WIDE_THREADS, "min_length": cuda_schedule.WIDE_MIN_LENGTH,
-                 "directions": list(cuda_schedule.WIDE_DIRECTIONS)},
+        # The forward the package runs (gspn_tvm.schedules.cuda.forward_symbol) for every plane
+        # shape this check uses: "<library>|<direction>|<H>|<W>" -> symbol.
+        "symbols": {f"{library}|{d}|{H}|{W}": cuda_schedule.forward_symbol(base(d), d, H, W)
+                    for library, base in (("scan", compute.forward_name), ("fused", compute.fused_forward_name))
+                    for d in DIRECTIONS for H, W in PLANES},  # fmt: skip
+        "line_classes": [list(c) for c in cuda_schedule.LINE_CLASSES],
         # Whether the package runs the compiled adjoint (else the reference) at the timed shapes
         # and at the lines of the shared-memory probe (G = C = 8).
         "backward_fits": {str(length): cuda_schedule.backward_fits(8, 8, length)
@@ -127,10 +134,9 @@ def load_libraries(artifact: Path) -> tuple[dict, dict]:
 
 
 def forward_symbol(manifest, library: str, direction: str, H: int, W: int) -> str:
-    """The forward the package runs (``gspn_tvm.kernels``): the wide variant for long rows."""
-    symbol = manifest["fused" if library == "fused" else "forward"][direction]
-    wide = manifest["wide"]
-    return f"{symbol}_wide" if direction in wide["directions"] and W >= wide["min_length"] else symbol
+    """The forward the package runs for planes (H, W) (``gspn_tvm.schedules.cuda.forward_symbol``,
+    resolved at prepare time for every plane shape of this check)."""
+    return manifest["symbols"][f"{library}|{direction}|{H}|{W}"]
 
 
 def register_cuda_compiler(arch: str) -> None:
@@ -383,26 +389,39 @@ def time_fused_and_probes(libraries, manifest, bandwidth: float) -> list[dict]:
                 return h * gate + u * skip
 
             fused_ms = _timed_or_nan(lambda: fused(u, lam, al, am, ar, gate, skip, direction, 0))
+            y = torch.empty_like(u)
+            scheduled = libraries[("fused", "float32")][manifest["fused"][direction]]
+            scheduled_ms = _timed_or_nan(lambda: scheduled(u, lam, al, am, ar, gate, skip, y, 0))
             unfused_ms = _timed_or_nan(unfused)
             moved = fused_scan_bytes(B, C, C, H, W, torch.float32)
             row = {"shape": [B, C, H, W], "direction": direction, "pass": "fused forward", "tvm_ms": fused_ms,
-                   "unfused_ms": unfused_ms, "fraction_of_copy_bw": moved / (fused_ms * 1e-3) / bandwidth}
+                   "symbol": forward_symbol(manifest, "fused", direction, H, W), "scheduled_256_threads_ms": scheduled_ms,
+                   "unfused_ms": unfused_ms, "fraction_of_copy_bw": moved / (fused_ms * 1e-3) / bandwidth}  # fmt: skip
             rows.append(row)
             print(row)
         del u, lam, al, am, ar, gate, skip
-    for length in WIDE_PROBE_LENGTHS:
+    for length in VARIANT_PROBE_LENGTHS:
         B, C, H, W = 16, 8, length, length
         gen = torch.Generator(device="cuda").manual_seed(0)
         x, lam = (torch.randn(B, C, H, W, device="cuda", generator=gen) for _ in range(2))
         gl, gm, gr = (torch.rand(B, C, H, W, device="cuda", generator=gen) / 3 for _ in range(3))
         h = torch.empty_like(x)
         moved = scan_bytes(B, C, C, H, W, torch.float32)
-        for variant, symbol in (("default", manifest["forward"]["t2b"]), ("wide", manifest["forward"]["t2b"] + "_wide")):
-            ms = _timed_or_nan(lambda: scan[symbol](x, lam, gl, gm, gr, h, 0))
-            row = {"shape": [B, C, H, W], "direction": "t2b", "pass": f"forward, {variant} threads", "tvm_ms": ms,
-                   "fraction_of_copy_bw": moved / (ms * 1e-3) / bandwidth}
-            rows.append(row)
-            print(row)
+        for direction in ("t2b", "l2r"):
+            base = manifest["forward"][direction]
+            variants = [("scheduled, 256 threads", base)]
+            variants += [(f"line pipeline, {threads} threads", f"{base}_lines{threads}")
+                         for longest, threads in manifest["line_classes"] if length <= threads]  # fmt: skip
+            if direction == "t2b":
+                variants.append(("scheduled, wide", f"{base}_wide"))
+            for variant, symbol in variants:
+                ms = _timed_or_nan(lambda: scan[symbol](x, lam, gl, gm, gr, h, 0))
+                row = {"shape": [B, C, H, W], "direction": direction, "pass": f"forward, {variant}",
+                       "runs_in_package": symbol == forward_symbol(manifest, "scan", direction, H, W), "tvm_ms": ms,
+                       "fraction_of_copy_bw": moved / (ms * 1e-3) / bandwidth}  # fmt: skip
+                rows.append(row)
+                print(row)
+        del x, lam, gl, gm, gr, h
     for length in SHARED_PROBE_LENGTHS:
         x, lam, gl, gm, gr, gh, h = (torch.rand(1, 8, length, length, device="cuda") for _ in range(7))
         grads = [torch.empty_like(t) for t in (x, lam, gl, gm, gr)]
@@ -480,7 +499,11 @@ def run(artifact: Path, json_path: str | None) -> int:
     save()
     report["timings"] = time_kernels(libraries, manifest)
     save()
-    report["gspn_tiny"] = time_gspn_tiny(libraries, manifest)
+    try:
+        report["gspn_tiny"] = time_gspn_tiny(libraries, manifest)
+    except KeyError as missing:  # a plane shape the manifest does not resolve: say which
+        report["gspn_tiny"] = [{"error": f"no resolved forward for {missing}"}]
+        print(report["gspn_tiny"])
     save()
     report["timings"]["rows"] += time_fused_and_probes(libraries, manifest, report["timings"]["copy_bytes_per_s"])
     save()

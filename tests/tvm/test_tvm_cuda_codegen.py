@@ -20,8 +20,10 @@ NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: CUDA kernels cannot be compiled here")
 
 FUNCTIONS = [compute.forward_name(d) for d in DIRECTIONS] + [compute.backward_name(d) for d in DIRECTIONS]
-#: The row-scan forwards also come with 1024 threads per block, for long rows.
+#: The row-scan forwards also come with 1024 threads per block, for rows longer than 1024.
 WIDE_FUNCTIONS = [f"gspn_scan_forward_{d}_wide" for d in ("t2b", "b2t")]
+#: Line pipelines (one thread per position) for lines of up to 64, 256 and 1024 positions.
+LINE_FUNCTIONS = {f"gspn_scan_forward_{d}_lines{threads}": threads for d in DIRECTIONS for threads in (64, 256, 1024)}
 
 
 @pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
@@ -47,7 +49,27 @@ def test_one_kernel_per_scan(cuda_source):
     dtype, source = cuda_source
     bodies = _kernel_bodies(source)
     print(dtype, sorted(bodies))
-    assert sorted(bodies) == sorted(f"{name}_kernel" for name in FUNCTIONS + WIDE_FUNCTIONS)
+    assert sorted(bodies) == sorted(f"{name}_kernel" for name in FUNCTIONS + WIDE_FUNCTIONS + list(LINE_FUNCTIONS))
+
+
+def test_line_pipeline_structure(cuda_source):
+    """Each line pipeline: its threads per block, a loop over tiles of 8 lines whose 8 steps each end
+    in one barrier (plus one after clearing the line buffers), no 64-bit division by C or G inside
+    the tile loop (the plane's offsets are computed once), one global load per input and line."""
+    _, source = cuda_source
+    bodies = _kernel_bodies(source)
+    for name, threads in LINE_FUNCTIONS.items():
+        signature = re.search(rf'__launch_bounds__\((\d+)\) {name}_kernel\(', source)
+        assert signature and int(signature.group(1)) == threads, name
+        body = bodies[f"{name}_kernel"]
+        tile_loop = re.search(r"for \(int64_t s0 = \(int64_t\)0; s0 < \(\([HW] \+ \(int64_t\)7\) >> \(int64_t\)3\); \+\+s0\) \{", body)
+        assert tile_loop, f"{name}: no loop over tiles of 8 lines"
+        inside = body[tile_loop.end():]
+        assert body.count("__syncthreads();") == 1 + 8 and inside.count("__syncthreads();") == 8, name
+        assert not re.search(r"[/%] [CG]\)", inside), f"{name}: division by C or G inside the tile loop"
+        for array in ("x_ptr", "lam_ptr", "gl_ptr", "gm_ptr", "gr_ptr"):
+            loads = len(re.findall(rf"\b{array}\[", inside))
+            assert loads == 8, (name, array, loads)
 
 
 def test_wide_row_forwards_launch_1024_threads(cuda_source):
@@ -58,10 +80,12 @@ def test_wide_row_forwards_launch_1024_threads(cuda_source):
     print(bounds)
     assert {name: bounds[f"{name}_kernel"] for name in WIDE_FUNCTIONS} == dict.fromkeys(WIDE_FUNCTIONS, 1024)
     assert {name: bounds[f"{name}_kernel"] for name in FUNCTIONS} == dict.fromkeys(FUNCTIONS, 256)
+    assert {name: bounds[f"{name}_kernel"] for name in LINE_FUNCTIONS} == LINE_FUNCTIONS
 
 
-def test_long_rows_pick_the_wide_forward():
-    """Rows of 384 and more positions run the wide kernel on CUDA; columns, short rows and the CPU never."""
+def test_cuda_forward_variant_by_line_length():
+    """Lines of up to 64, 256, 1024 positions run the line pipeline of that many threads; longer
+    rows the wide kernel, longer columns the default one; the CPU always its one kernel."""
     from types import SimpleNamespace
 
     import torch
@@ -72,17 +96,21 @@ def test_long_rows_pick_the_wide_forward():
         return SimpleNamespace(device=torch.device(device), shape=(1, 2, H, W))
 
     base = compute.forward_name("t2b")
-    assert kernels._forward_symbol(base, "t2b", fake("cuda", 8, 384)) == base + "_wide"
-    assert kernels._forward_symbol(base, "b2t", fake("cuda", 8, 1024)) == base + "_wide"
-    assert kernels._forward_symbol(base, "t2b", fake("cuda", 1024, 383)) == base
-    assert kernels._forward_symbol(base, "l2r", fake("cuda", 1024, 1024)) == base
-    assert kernels._forward_symbol(base, "t2b", fake("cpu", 8, 1024)) == base
+    assert kernels._forward_symbol(base, "t2b", fake("cuda", 5000, 56)) == base + "_lines64"
+    assert kernels._forward_symbol(base, "t2b", fake("cuda", 8, 64)) == base + "_lines64"
+    assert kernels._forward_symbol(base, "b2t", fake("cuda", 8, 65)) == base + "_lines256"
+    assert kernels._forward_symbol(base, "l2r", fake("cuda", 1024, 5000)) == base + "_lines1024"
+    assert kernels._forward_symbol(base, "t2b", fake("cuda", 8, 1025)) == base + "_wide"
+    assert kernels._forward_symbol(base, "r2l", fake("cuda", 1025, 8)) == base
+    assert kernels._forward_symbol(base, "t2b", fake("cpu", 8, 56)) == base
 
 
 def test_barrier_between_lines(cuda_source):
     """The loop over lines runs inside the kernel (one launch for the whole scan) and synchronizes."""
     _, source = cuda_source
     for name, body in _kernel_bodies(source).items():
+        if "_lines" in name:
+            continue  # test_line_pipeline_structure
         line_loop = re.search(r"for \(int64_t ([sr]) = \(int64_t\)0; \1 < [HW]; \+\+\1\) \{", body)
         assert line_loop, f"{name}: no loop over lines inside the kernel"
         assert "__syncthreads();" in body[line_loop.end() :], f"{name}: no barrier inside the line loop"

@@ -164,7 +164,8 @@ def test_fused_cuda_kernels_compile_for_sm90(fused_cuda_source, tmp_path):
     dtype, source = fused_cuda_source
     kernels_found = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', source)
     wide = {f"{compute.fused_forward_name(d)}_wide_kernel" for d in ("t2b", "b2t")}  # 1024 threads, long rows
-    assert set(kernels_found) == {f"{compute.fused_forward_name(d)}_kernel" for d in DIRECTIONS} | wide
+    lines = {f"{compute.fused_forward_name(d)}_lines{n}_kernel" for d in DIRECTIONS for n in (64, 256, 1024)}
+    assert set(kernels_found) == {f"{compute.fused_forward_name(d)}_kernel" for d in DIRECTIONS} | wide | lines
     assert source.count("__syncthreads();") >= len(DIRECTIONS) and "extern __shared__" in source
     assert "threadIdx.x" in source and cuda.THREADS == 256
     path = tmp_path / f"gspn_fused_{dtype}.cu"
@@ -173,3 +174,20 @@ def test_fused_cuda_kernels_compile_for_sm90(fused_cuda_source, tmp_path):
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "fused.cubin").stat().st_size > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("direction, chunk", [("l2r", 0), ("r2l", 3), ("t2b", 0)])
+def test_composed_fused_scan_matches_reference(direction, chunk, dtype):
+    """The composed form (normalize + compiled scan + gate/skip in float32, rounded once), which the
+    CUDA fused op runs for long columns, meets the fused scan's contract; here on the CPU kernels."""
+    from gspn_ref.testing import ScanCase, check_fused_case
+    from gspn_tvm.kernels import fused_scan_composed
+
+    check_fused_case(fused_scan_composed, ScanCase(2, 4, 2, 300, 37, direction, chunk), dtype, backward=False)
+
+
+def test_cuda_fused_runs_composed_only_for_long_columns():
+    assert cuda.fused_runs_composed("l2r", 257, 8) and cuda.fused_runs_composed("r2l", 1024, 1024)
+    assert cuda.fused_runs_composed("l2r", 4096, 8)
+    assert not cuda.fused_runs_composed("l2r", 256, 1024) and not cuda.fused_runs_composed("t2b", 1024, 1024)
