@@ -35,7 +35,7 @@ from gspn_ref.onnx_op import OP_TYPE as ONNX_SCAN_OP
 from gspn_ref.shapes import export_dynamic_shapes
 from gspn_ref.validation import validate_chunk, validate_direction
 
-from . import isa
+from . import isa, model_cache
 from .compute import forward_name, fused_forward_name
 from .relax_cpu_schedule import cpu_pipeline
 from .runtime_loader import (
@@ -317,8 +317,10 @@ class CompiledModel:
     writes an artifact folder for ``gspn_tvm.runtime_loader.load_artifact``.
     """
 
-    def __init__(self, executable, params: list, signature: dict, target: tvm.target.Target, param_names: list[str]):
-        self.executable = executable
+    def __init__(self, executable, params: list, signature: dict, target: tvm.target.Target, param_names: list[str],
+                 library_bytes: bytes | None = None):
+        self.executable = executable  # a VM executable, or a library loaded from the Relax cache
+        self._library_bytes = library_bytes  # that library's file, where it came from the cache
         self.signature = signature
         self.param_names = param_names
         self.target = target
@@ -356,7 +358,10 @@ class CompiledModel:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SIGNATURE_FILE).unlink(missing_ok=True)
-        self.executable.export_library(str(folder / LIBRARY_FILE))
+        if self._library_bytes is not None:  # a loaded library cannot be exported again: its file
+            (folder / LIBRARY_FILE).write_bytes(self._library_bytes)
+        else:
+            self.executable.export_library(str(folder / LIBRARY_FILE))
         keys = [param_key(i, name) for i, name in enumerate(self.param_names)]
         save_param_dict_to_file(dict(zip(keys, self._params)), str(folder / PARAMS_FILE))
         params = []
@@ -379,7 +384,8 @@ class CompiledModel:
 
 
 def _build(mod: tvm.IRModule, target: tvm.target.Target) -> CompiledModel:
-    """Detach the parameters of ``mod`` (``main`` has them as trailing inputs), compile, wrap."""
+    """Detach the parameters of ``mod`` (``main`` has them as trailing inputs), compile (or load the
+    compiled library from ``$GSPN_RELAX_CACHE_DIR``, :mod:`gspn_tvm.model_cache`), wrap."""
     mod, params = detach_params(mod)
     main = mod["main"]
     num_inputs = int(main.attrs["num_input"])
@@ -388,8 +394,9 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target) -> CompiledModel:
         param_names = [f"{i}_{name}" for i, name in enumerate(param_names)]
     signature = _readable_dimension_names(_signature(main, target))
     pipeline = cpu_pipeline(target) if target.kind.name == "llvm" else relax.get_default_pipeline(target)
-    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
-    return CompiledModel(executable, params.get("main", []), signature, target, param_names)
+    library, library_bytes, _ = model_cache.compile_cached(
+        mod, target, lambda: tvm.compile(mod, target=target, relax_pipeline=pipeline))
+    return CompiledModel(library, params.get("main", []), signature, target, param_names, library_bytes)
 
 
 def compile_model(
@@ -406,7 +413,8 @@ def compile_model(
     (the batch of other inputs) are run-time sizes, except those torch fixes (example sizes of 1,
     sizes the model's code depends on); ``False``: every size is fixed at the example's (other sizes
     raise ``ValueError``); a tuple or dict is passed to ``torch.export.export`` as ``dynamic_shapes``.
-    Model parameters are captured as they are now.
+    Model parameters are captured as they are now. With ``$GSPN_RELAX_CACHE_DIR`` set, the compiled
+    code is kept there and reused for a model of the same structure (:mod:`gspn_tvm.model_cache`).
     """
     target = _as_target(target)
     args = example_args if isinstance(example_args, tuple) else (example_args,)

@@ -8,15 +8,24 @@ the same way, ``from helpers import ...`` (this folder is put on the import path
 Parallel runs: tests that share what a module computes once (a module- or session-scoped fixture
 of the suite, or a module-level cache named in ``SHARED_CACHE_MODULES``) run on one worker, so it
 is still computed once; the tests that need gigabytes never run at the same time; the slowest
-work is handed out first. Every test writes only under ``tmp_path`` (or through the kernel cache
-and the ONNX Runtime library build, which lock), so no other coordination is needed.
+work is handed out first. Every test writes only under ``tmp_path`` (or through the kernel cache,
+the session's Relax compile cache and the ONNX Runtime library build, which lock), so no other
+coordination is needed.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+try:  # pytest >= 9.2: structured node ids
+    from _pytest.nodeid import NodeId
+except ImportError:  # older pytest: xdist's own ``item._nodeid`` suffix works
+    NodeId = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -48,6 +57,14 @@ def usable_cpus() -> int:
 # most 2. Two workers of two threads each on two cores would oversubscribe: TVM's pool spins.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, usable_cpus() // max(1, _workers))))
+
+# One Relax compile cache (gspn_tvm.model_cache) for the session, shared by the xdist workers and the
+# processes the tests start (they inherit the variable): the demo and the README compile the same
+# classifier once. Set by the controller before the workers start; removed when the session ends.
+if not os.environ.get("PYTEST_XDIST_WORKER"):
+    _RELAX_CACHE = tempfile.mkdtemp(prefix="gspn-relax-cache-")
+    os.environ["GSPN_RELAX_CACHE_DIR"] = _RELAX_CACHE
+    atexit.register(shutil.rmtree, _RELAX_CACHE, ignore_errors=True)
 
 # Test modules whose tests share a module-level cache (functools.lru_cache of compiled models).
 SHARED_CACHE_MODULES = ("tests/backends/test_conformance.py", "tests/export/test_onnx_portable.py")
@@ -132,3 +149,33 @@ def pytest_collection_modifyitems(config, items):
         return len(SLOW_FIRST)
 
     items.sort(key=rank)  # stable: the collected order within each rank
+
+
+def _group_name(item) -> str | None:
+    marks = item.iter_markers("xdist_group")
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks})
+    return "_".join(names) or None
+
+
+class _GroupSuffix:
+    """Make sure a grouped test's node id ends in ``@<group>``: xdist's controller groups by that
+    suffix alone. xdist 3.8 appends it through ``item._nodeid``, which pytest 9.2 no longer reads
+    (the id is ``item._id``, a ``NodeId``), so the groups silently fell apart: module fixtures were
+    computed on both workers (about 80 s of duplicate Relax compiles and ONNX exports)."""
+
+    @pytest.hookimpl(trylast=True)  # after xdist's worker hook, which appends the suffix where it can
+    def pytest_collection_modifyitems(self, config, items):
+        for item in items:
+            group = _group_name(item)
+            if group is None or item.nodeid.endswith(f"@{group}"):
+                continue
+            if NodeId is None or not isinstance(getattr(item, "_id", None), NodeId):
+                raise pytest.UsageError(f"{item.nodeid}: cannot attach its xdist group {group!r} to the node id "
+                                        "(neither xdist nor tests/conftest.py knows this pytest's node ids)")
+            item._id = NodeId.parse(f"{item.nodeid}@{group}")
+
+
+def pytest_configure(config):
+    # In an xdist worker under --dist loadgroup (xdist sets the option there).
+    if getattr(config.option, "loadgroup", False) and os.environ.get("PYTEST_XDIST_WORKER"):
+        config.pluginmanager.register(_GroupSuffix(), "gspn-xdist-group-suffix")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -152,6 +153,18 @@ RUNTIME_ONLY_SCRIPT = textwrap.dedent(
     assert not any(name == "torch" or name.startswith("torch.") for name, m in sys.modules.items() if m is not None)
     """
 )
+
+
+@contextlib.contextmanager
+def without_relax_cache():
+    """Compile without the session's Relax cache (``$GSPN_RELAX_CACHE_DIR``, set by ``conftest.py``),
+    where a test checks what happens during a compile."""
+    saved = os.environ.pop("GSPN_RELAX_CACHE_DIR", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["GSPN_RELAX_CACHE_DIR"] = saved
 
 
 def run_artifact_runtime_only(artifact: Path, inputs: list[np.ndarray], folder: Path) -> tuple[list[np.ndarray], str]:

@@ -17,7 +17,7 @@ import export
 from gspn_ref import GSPN, TinyGSPNClassifier
 from gspn_tvm import relax_cpu_schedule
 from gspn_tvm.relax_frontend import CompiledModel, compile_model, compile_onnx
-from helpers import assert_close_scaled, run_artifact_runtime_only
+from helpers import assert_close_scaled, run_artifact_runtime_only, without_relax_cache
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -58,8 +58,10 @@ FALLBACKS: dict[str, list[str]] = {}
 
 
 def compile_recording_fallbacks(name: str, model: torch.nn.Module, example: torch.Tensor) -> CompiledModel:
+    """Compiled without the Relax cache (``tests/conftest.py`` sets one): a cache hit would record nothing."""
     before = len(relax_cpu_schedule.fusion_fallbacks)
-    compiled = compile_model(model, (example,))
+    with without_relax_cache():
+        compiled = compile_model(model, (example,))
     FALLBACKS[name] = relax_cpu_schedule.fusion_fallbacks[before:]
     return compiled
 
