@@ -7,8 +7,9 @@ run time). Set ``GSPN_RELAX_CACHE_DIR`` to a folder to keep each compiled librar
     $GSPN_RELAX_CACHE_DIR / <tvm version> / <key>.so   (and <key>.so.sha256 beside it)
 
 The key is the sha256 of the Relax module with its parameters detached (its TVMScript text, which
-holds the project's TensorIR kernels), the resolved target, the TVM version and the source of this
-package (the Relax pipeline and the kernel schedules): a different model, target or compiler misses.
+holds the project's TensorIR kernels), the resolved target, the TVM version, the current
+``PassContext`` (opt level, config, required and disabled passes) and the source of this package
+(the Relax pipeline and the kernel schedules): a different model, target or compiler misses.
 Two models that differ only in their weights share an entry.
 
 An entry is loaded only after its bytes match its checksum file (JSON: the key, the TVM version and
@@ -58,10 +59,13 @@ def _package_source_hash() -> str:
 
 
 def entry_key(mod: tvm.IRModule, target: tvm.target.Target) -> str:
-    """The cache key of compiling ``mod`` (parameters detached) for ``target``."""
+    """The cache key of compiling ``mod`` (parameters detached) for ``target`` in the current
+    ``tvm.transform.PassContext``."""
+    context = tvm.transform.PassContext.current()  # a caller's opt_level or pass config changes the code
+    passes = f"{context.opt_level} {context.config} {list(context.required_pass)} {list(context.disabled_pass)}"
     digest = hashlib.sha256()
     for part in (tvm.__version__, json.dumps(target.export(), sort_keys=True, default=str),
-                 _package_source_hash(), mod.script()):  # fmt: skip
+                 passes, _package_source_hash(), mod.script()):  # fmt: skip
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()

@@ -138,3 +138,6 @@ def test_another_model_or_target_misses_the_same_weights_hit():
     level = next(level for level in isa.LEVELS if level != str(llvm.attrs["mcpu"]))
     other = relax_frontend._as_target({"kind": "llvm", "mcpu": level})
     assert model_cache.entry_key(module_of(layer(1)), other) != key  # another target
+    mod = module_of(layer(1))
+    with tvm.transform.PassContext(config={"tirx.disable_vectorize": True}):
+        assert model_cache.entry_key(mod, llvm) != key  # other compiler settings
