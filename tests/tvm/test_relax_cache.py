@@ -14,7 +14,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from gspn_ref import GSPN
 from gspn_tvm import compile_model, isa, model_cache, relax_frontend
-from helpers import assert_close_scaled, without_relax_cache
+from helpers import assert_close_scaled
 
 
 def layer(seed: int, d_inner: int = 8) -> torch.nn.Module:
@@ -45,20 +45,20 @@ def entries(tmp_path):
 
 
 def test_hit_runs_the_fresh_compile_with_the_callers_weights(counted_compiles, tmp_path):
-    first = compile_model(layer(1), (X,), dynamic=False)  # miss: compiled and cached
-    assert len(counted_compiles) == 1 and len(entries(tmp_path)) == 1
-    other_weights = layer(2)
-    hit = compile_model(other_weights, (X,), dynamic=False)  # same structure: no compile
-    assert len(counted_compiles) == 1
-    with without_relax_cache():
-        fresh = compile_model(other_weights, (X,), dynamic=False)
-    assert len(counted_compiles) == 2
+    model = layer(1)
+    fresh = compile_model(model, (X,), dynamic=False)  # miss: compiled now, run from memory, and cached
+    assert len(counted_compiles) == 1 and len(entries(tmp_path)) == 1 and fresh._library_bytes is None
+    hit = compile_model(model, (X,), dynamic=False)  # loaded from the entry: no compile
+    assert len(counted_compiles) == 1 and hit._library_bytes == entries(tmp_path)[0].read_bytes()
     assert torch.equal(hit(X), fresh(X))  # the same code on the same weights
+    other_weights = layer(2)
+    other = compile_model(other_weights, (X,), dynamic=False)  # same structure: a hit, with these weights
+    assert len(counted_compiles) == 1
     with torch.no_grad():
         expected = other_weights(X)
-        assert not torch.allclose(first(X), expected)  # the weights differ: a stale result would show
-    assert_close_scaled(hit(X), expected, torch.float32, 20, "cache hit vs eager")
-    artifact = hit.save(tmp_path / "artifact")  # a cached library saves (its bytes) like a fresh one
+    assert not torch.allclose(fresh(X), expected)  # the weights differ: a stale result would show
+    assert_close_scaled(other(X), expected, torch.float32, 20, "cache hit vs eager")
+    artifact = other.save(tmp_path / "artifact")  # a cached library saves (its bytes) like a fresh one
     assert (artifact / "model.so").read_bytes() == entries(tmp_path)[0].read_bytes()
 
 
