@@ -66,6 +66,64 @@ def fuse_operators(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IR
     return mod
 
 
+def _static_ints(shape) -> list[int] | None:
+    values = [v.value if isinstance(v, tvm.tirx.IntImm) else None for v in shape.values] if shape is not None else None
+    return None if values is None or None in values else values
+
+
+@relax.expr_functor.mutator
+class _StridedConvolutionsAsIm2Col(relax.PyExprMutator):
+    """Strided dense convolutions (NCHW, OIHW, groups 1, dilation 1, stride > 1, static kernel) as
+    an im2col gather (pad, one strided slice per kernel tap, stacked after the channel axis) and a
+    1x1 convolution over ``C * KH * KW`` channels, whose schedule rule runs at several times the
+    speed of the rule for spatial kernels: GSPN-T's stem and downsampling convolutions (3x3, stride
+    2, compiled for any image size, so with symbolic sizes that the spatial-convolution rule does not
+    take) ran at 8-13 GFLOP/s, 20-33 ms each at 224x224, against about 80 GFLOP/s for its 1x1
+    convolutions. The gathered tensor is ``KH * KW / (SH * SW)`` times the input (9/4 for GSPN-T)."""
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        rewritten = self._im2col(call)
+        return call if rewritten is None else rewritten
+
+    def _im2col(self, call):
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+            return None
+        attrs, (x, w) = call.attrs, call.args
+        if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or int(attrs.groups) != 1
+                or [int(d) for d in attrs.dilation] != [1, 1] or str(x.ty.dtype) != "float32"):  # fmt: skip
+            return None
+        strides = [int(v) for v in attrs.strides]
+        kernel = _static_ints(w.ty.shape)
+        if max(strides) < 2 or kernel is None or x.ty.shape is None or call.ty.shape is None:
+            return None
+        (o, i, kh, kw), (n, c) = kernel, list(x.ty.shape.values[:2])
+        oh, ow = list(call.ty.shape.values[2:])  # symbolic where the model's image size is
+        top, left, bottom, right = (int(v) for v in attrs.padding)
+        emit = self.builder_.emit
+        padded = emit(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right])) if top or left or bottom or right else x
+        # Each tap is (n, c, oh, ow); Relax cannot infer that for symbolic sizes, so it is asserted.
+        tap_type = relax.TensorType([n, c, oh, ow], x.ty.dtype)
+        taps = [self.builder_.match_cast(relax.op.strided_slice(padded, axes=[2, 3], begin=[a, b],
+                                                                end=[a + strides[0] * (oh - 1) + 1, b + strides[1] * (ow - 1) + 1],
+                                                                strides=strides), tap_type)  # fmt: skip
+                for a in range(kh) for b in range(kw)]
+        columns = emit(relax.op.reshape(emit(relax.op.stack(taps, axis=2)), (n, c * kh * kw, oh, ow)))
+        weights = emit(relax.op.reshape(w, (o, i * kh * kw, 1, 1)))
+        return relax.op.nn.conv2d(columns, weights, out_layout=attrs.out_layout, out_dtype=attrs.out_dtype)
+
+
+@tvm.transform.module_pass(opt_level=0, name="GSPNStridedConvolutionsAsIm2Col")
+def strided_convolutions_as_im2col(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Every Relax function of ``mod`` with its strided dense convolutions rewritten as im2col and a
+    1x1 convolution (see :class:`_StridedConvolutionsAsIm2Col`); the same results."""
+    rewriter = _StridedConvolutionsAsIm2Col(mod)
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
 def _fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """``1 / (1 + exp(-x))`` with TOPI's vectorizable polynomial ``fast_exp`` (LLVM lowers the exact
     ``exp`` of a vector to one libm call per lane)."""
@@ -103,7 +161,8 @@ def _fast_math_map() -> dict:
 def legalize_passes() -> list:
     """``cpu_generic.legalize_passes`` with :func:`fuse_operators` for its fusion step, and float32
     sigmoid and GELU legalized with TOPI's vectorizable ``fast_exp`` and ``fast_erf``."""
-    return [LegalizeOps(customize_legalize_map=_fast_math_map()), AnnotateTIROpPattern(), FoldConstant(), fuse_operators]
+    return [strided_convolutions_as_im2col, LegalizeOps(customize_legalize_map=_fast_math_map()), AnnotateTIROpPattern(),
+            FoldConstant(), fuse_operators]  # fmt: skip
 
 
 def cpu_pipeline(target: tvm.target.Target):

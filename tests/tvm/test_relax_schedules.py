@@ -188,3 +188,59 @@ def test_failing_rule_is_logged_and_skipped(caplog):
     with caplog.at_level(logging.WARNING, logger="gspn_tvm.relax_schedules"):
         assert Broken().apply(sigmoid_func(), TARGET, False) is None
     assert any("rule Broken failed" in r.getMessage() and "no_such_block" in r.getMessage() for r in caplog.records)
+
+
+def _strided_conv_module(side):
+    """One 3x3 stride-2 padded convolution over (2, 8, side, side), ``side`` an int or symbolic."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8, side, side), "float32"))
+    w = relax.Var("w", relax.TensorType((16, 8, 3, 3), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.conv2d(x, w, strides=2, padding=1))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_strided_convolutions_become_im2col_and_a_1x1_convolution(symbolic):
+    """The rewrite leaves no strided convolution: one strided slice per kernel tap, stacked, and a
+    1x1 convolution over C*KH*KW channels; the compiled module equals numpy's convolution, at a
+    side the symbolic module was not traced at too. Unstrided and grouped convolutions stay."""
+    from gspn_tvm.relax_cpu_schedule import cpu_pipeline, strided_convolutions_as_im2col
+
+    mod = _strided_conv_module(tirx.Var("side", "int64") if symbolic else 9)
+    text = strided_convolutions_as_im2col(mod).script(show_meta=False)
+    assert text.count("R.strided_slice") == 9 and text.count("R.nn.conv2d") == 1
+    assert "strides=[1, 1]" in text and "R.Tensor((16, 72, 1, 1)" in text
+    executable = tvm.compile(mod, target=TARGET, relax_pipeline=cpu_pipeline(TARGET))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    rng = np.random.default_rng(0)
+    for side in ([9, 14] if symbolic else [9]):
+        x, w = rng.standard_normal((2, 8, side, side), "float32"), rng.standard_normal((16, 8, 3, 3), "float32")
+        padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        out_side = (side - 1) // 2 + 1
+        expected = np.zeros((2, 16, out_side, out_side), "float32")
+        for a in range(3):
+            for b in range(3):
+                taps = padded[:, :, a : a + 2 * out_side - 1 : 2, b : b + 2 * out_side - 1 : 2]
+                expected += np.einsum("nchw,oc->nohw", taps, w[:, :, a, b])
+        got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
+        print(side, np.abs(got - expected).max())
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_im2col_leaves_unstrided_and_grouped_convolutions():
+    from gspn_tvm.relax_cpu_schedule import strided_convolutions_as_im2col
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 12, 12), "float32"))
+    w = relax.Var("w", relax.TensorType((8, 8, 3, 3), "float32"))
+    dw = relax.Var("dw", relax.TensorType((8, 1, 3, 3), "float32"))
+    with bb.function("main", [x, w, dw]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, strides=1, padding=1))
+            out = bb.emit_output(relax.op.nn.conv2d(y, dw, strides=2, padding=1, groups=8))
+        bb.emit_func_output(out)
+    text = strided_convolutions_as_im2col(bb.get()).script(show_meta=False)
+    assert text.count("R.nn.conv2d") == 2 and "strided_slice" not in text
