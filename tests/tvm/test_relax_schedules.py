@@ -244,3 +244,25 @@ def test_im2col_leaves_unstrided_and_grouped_convolutions():
         bb.emit_func_output(out)
     text = strided_convolutions_as_im2col(bb.get()).script(show_meta=False)
     assert text.count("R.nn.conv2d") == 2 and "strided_slice" not in text
+
+
+def test_reshapes_are_views_not_copy_kernels():
+    """A reshape, also of a tensor sized by an expression of the symbolic image side (GSPN-T's
+    reshapes after its strided convolutions), is a view in the compiled model: no copy kernel."""
+    from gspn_tvm.relax_cpu_schedule import cpu_pipeline
+
+    side = tirx.Var("side", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 64, side, side), "float32"))
+    w = relax.Var("w", relax.TensorType((64, 64, 3, 3), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, strides=2, padding=1))
+            half = y.ty.shape.values[2]  # (side - 1) // 2 + 1
+            z = bb.emit(relax.op.reshape(relax.op.add(y, y), (1, 4, 16 * half, half)))
+            out = bb.emit_output(relax.op.multiply(z, z))
+        bb.emit_func_output(out)
+    main = cpu_pipeline(TARGET)(bb.get())["main"].script(show_meta=False)
+    copies = [line.strip()[:120] for line in main.splitlines() if "reshape" in line and "vm.builtin.reshape" not in line]
+    print(copies)
+    assert "vm.builtin.reshape" in main and not copies
