@@ -251,8 +251,9 @@ def _load_entry(path: Path, record: dict):
 
 
 @contextlib.contextmanager
-def _entry_lock(path: Path):
-    """Exclusive lock of the cache entry ``path`` (none where its folder cannot be written)."""
+def entry_lock(path: Path):
+    """Exclusive lock of the cache entry ``path`` (none where its folder cannot be written); also
+    the Relax model cache's (:mod:`gspn_tvm.model_cache`)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.parent / f".{path.name}.lock", "a")
@@ -276,7 +277,7 @@ def load_scan_library(device: str, dtype: str, library: str = "scan"):
     start = time.perf_counter()
     library, problem = _load_entry(path, record)
     if library is None:
-        with _entry_lock(path):
+        with entry_lock(path):
             library, problem = _load_entry(path, record)  # another process may have built it meanwhile
             if library is None:
                 if problem is not None:

@@ -22,8 +22,6 @@ warning. Unset (the default), nothing is cached.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -35,7 +33,7 @@ from pathlib import Path
 
 import tvm
 
-from .build import checksum_path, export_atomically
+from .build import checksum_path, entry_lock, export_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -103,19 +101,6 @@ def _load_bytes(data: bytes):
         return tvm.runtime.load_module(file)
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.parent / f".{path.name}.lock", "a")
-    except OSError:
-        yield
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def compile_cached(mod: tvm.IRModule, target: tvm.target.Target, compile_fn: Callable[[], object]):
     """``(module to run, library bytes or None, executable or None)``: from the cache where
     ``$GSPN_RELAX_CACHE_DIR`` is set and holds a verified entry for ``mod``/``target``; else
@@ -129,7 +114,7 @@ def compile_cached(mod: tvm.IRModule, target: tvm.target.Target, compile_fn: Cal
     record = _record(key)
     data, problem = _read_entry(path, record)
     if data is None:
-        with _lock(path):
+        with entry_lock(path):
             data, problem = _read_entry(path, record)  # another process may have built it meanwhile
             if data is None:
                 if problem is not None:

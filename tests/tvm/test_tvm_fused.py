@@ -152,7 +152,11 @@ def test_fused_cpu_normalization_is_vectorized(fused_cpu_llvm):
         assert not re.search(r"call [^\n]*@expf?\(", body), "a libm exp call per element"
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+# float32 only: the fused CUDA source is ~35k lines per dtype (18 kernels with the normalization
+# unrolled), 20 s of nvcc each; the half-precision code paths are compiled by the scan's nvcc test
+# (tests/tvm/test_tvm_cuda_codegen.py) and the fused float16/bfloat16 kernels ran correct on an
+# H100 (scripts/gpu_check.sh, docs/results/gpu_check_h100.json).
+@pytest.fixture(scope="module", params=["float32"])
 def fused_cuda_source(request):
     if NVCC is None:
         pytest.skip("nvcc not found on PATH: CUDA kernels cannot be compiled here")
