@@ -130,7 +130,7 @@ def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str
     if device == "cuda":
         pipeline = "line_pipeline_fused_forward" if library == "fused" else "line_pipeline_forward"
         for symbol, (rule, direction, _) in forwards.items():
-            for _, threads in cuda_schedule.LINE_CLASSES:
+            for threads in cuda_schedule.LINE_THREADS:
                 functions[cuda_schedule.line_class_name(symbol, threads)] = (pipeline, direction, {"threads": threads})
             if direction in cuda_schedule.WIDE_DIRECTIONS:
                 functions[cuda_schedule.wide_name(symbol)] = (rule, direction, {"threads": cuda_schedule.WIDE_THREADS})

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -104,7 +103,7 @@ def prepare(artifact: Path, python_version: str) -> None:
         "symbols": {f"{library}|{d}|{H}|{W}": cuda_schedule.forward_symbol(base(d), d, H, W)
                     for library, base in (("scan", compute.forward_name), ("fused", compute.fused_forward_name))
                     for d in DIRECTIONS for H, W in PLANES},  # fmt: skip
-        "line_classes": [list(c) for c in cuda_schedule.LINE_CLASSES],
+        "line_threads": list(cuda_schedule.LINE_THREADS),
         # Whether the package runs the compiled adjoint (else the reference) at the timed shapes
         # and at the lines of the shared-memory probe (G = C = 8).
         "backward_fits": {str(length): cuda_schedule.backward_fits(8, 8, length)
@@ -213,48 +212,54 @@ def per_line_baseline(B, C, H, W):
     return launch
 
 
-def check_correctness(libraries, manifest) -> list[dict]:
-    """Every dtype, direction, chunk 0 and 3, odd shapes, H = 1, W = 1, groups: the compiled CUDA
-    forward and adjoint against the float64 reference, with the comparison of the project's
-    conformance suite (``gspn_ref.testing.check_scan_case``: dtype-derived tolerances)."""
+def _check_cases(label: str, dtype_names, shapes, check) -> list[dict]:
+    """``check(case, dtype, flag)`` (raises AssertionError on a mismatch) for every dtype, every
+    ``(shape, flag)`` of ``shapes``, direction and chunk 0 and 3; one row per case."""
     import torch
 
     from gspn_ref import DIRECTIONS
-    from gspn_ref.testing import ScanCase, check_scan_case
+    from gspn_ref.testing import ScanCase
 
-    shapes = [(shape, True) for shape in CORRECTNESS_SHAPES] + [(shape, False) for shape in WIDE_SHAPES]
-    rows, failures = [], 0
-    for dtype_name in manifest["dtypes"]:
-        dtype = getattr(torch, dtype_name)
-        library = libraries[("scan", dtype_name)]
-
-        def forward(x, lam, gl, gm, gr, direction, chunk):
-            h = torch.empty_like(x)
-            library[forward_symbol(manifest, "scan", direction, x.shape[2], x.shape[3])](x, lam, gl, gm, gr, h, chunk)
-            return h
-
-        def backward(gh, x, lam, gl, gm, gr, h, direction, chunk):
-            grads = [torch.empty_like(t) for t in (x, lam, gl, gm, gr)]
-            library[manifest["backward"][direction]](gh, x, lam, gl, gm, gr, h, *grads, chunk)
-            return grads
-
-        for (B, C, G, H, W), with_backward in shapes:
+    rows = []
+    for dtype_name in dtype_names:
+        for (B, C, G, H, W), flag in shapes:
             for direction in DIRECTIONS:
                 for chunk in (0, 3):
-                    case = ScanCase(B, C, G, H, W, direction, chunk)
                     try:
-                        check_scan_case(forward, case, dtype, backward=backward if with_backward else False,
-                                        device="cuda")  # fmt: skip
+                        check(ScanCase(B, C, G, H, W, direction, chunk), getattr(torch, dtype_name), flag)
                         ok, error = True, ""
                     except AssertionError as mismatch:
                         ok, error = False, str(mismatch)
-                    failures += not ok
                     rows.append({"dtype": dtype_name, "shape": [B, C, G, H, W], "direction": direction,
                                  "chunk": chunk, "ok": ok, "error": error})
                     if not ok:
-                        print("MISMATCH", rows[-1])
-    print(f"correctness: {len(rows) - failures}/{len(rows)} cases within tolerance")
+                        print(f"{label} MISMATCH", rows[-1])
+    print(f"{label} correctness: {sum(r['ok'] for r in rows)}/{len(rows)} cases within tolerance")
     return rows
+
+
+def check_correctness(libraries, manifest) -> list[dict]:
+    """Every dtype, direction, chunk 0 and 3, odd shapes, H = 1, W = 1, groups: the compiled CUDA
+    forward and adjoint against the float64 reference, with the comparison of the project's
+    conformance suite (``gspn_ref.testing.check_scan_case``: dtype-derived tolerances); the rows
+    long enough for the wide forwards without the adjoint (it exceeds shared memory there)."""
+    import torch
+
+    from gspn_ref.testing import check_scan_case
+
+    forward = forward_kernel(libraries, manifest, "scan")
+
+    def backward(gh, x, lam, gl, gm, gr, h, direction, chunk):
+        grads = [torch.empty_like(t) for t in (x, lam, gl, gm, gr)]
+        library = libraries[("scan", str(x.dtype).replace("torch.", ""))]
+        library[manifest["backward"][direction]](gh, x, lam, gl, gm, gr, h, *grads, chunk)
+        return grads
+
+    def check(case, dtype, with_backward):
+        check_scan_case(forward, case, dtype, backward=backward if with_backward else False, device="cuda")
+
+    shapes = [(shape, True) for shape in CORRECTNESS_SHAPES] + [(shape, False) for shape in WIDE_SHAPES]
+    return _check_cases("scan", manifest["dtypes"], shapes, check)
 
 
 def _timed_or_nan(fn) -> float:
@@ -319,21 +324,23 @@ def time_kernels(libraries, manifest) -> dict:
     return result
 
 
-def _line_count(direction: str, H: int, W: int) -> int:
-    return H if direction in ("t2b", "b2t") else W
-
-
-def fused_kernel(libraries, manifest):
-    """``fn(u, lam, al, am, ar, gate, skip, direction, chunk) -> y`` with the compiled CUDA fused scan."""
+def forward_kernel(libraries, manifest, library: str):
+    """``fn(*inputs, direction, chunk) -> output`` with the compiled CUDA forward of ``library``
+    (``"scan"``: ``x, lam, gl, gm, gr``; ``"fused"``: ``u, lam, al, am, ar, gate, skip``), picked as
+    the package picks it (variant by line length, library by dtype, chunks of a line or more as 0)."""
     import torch
 
-    def forward(u, lam, al, am, ar, gate, skip, direction, chunk):
-        inputs = [t.detach().contiguous() for t in (u, lam, al, am, ar, gate, skip)]
-        y = torch.empty_like(inputs[0])
-        chunk = 0 if chunk >= _line_count(direction, u.shape[2], u.shape[3]) else chunk
-        symbol = forward_symbol(manifest, "fused", direction, u.shape[2], u.shape[3])
-        libraries[("fused", str(u.dtype).replace("torch.", ""))][symbol](*inputs, y, chunk)
-        return y
+    from gspn_ref.directions import line_count
+
+    def forward(*args):
+        *tensors, direction, chunk = args
+        inputs = [t.detach().contiguous() for t in tensors]
+        out = torch.empty_like(inputs[0])
+        H, W = out.shape[2], out.shape[3]
+        chunk = 0 if chunk >= line_count(direction, H, W) else chunk
+        symbol = forward_symbol(manifest, library, direction, H, W)
+        libraries[(library, str(out.dtype).replace("torch.", ""))][symbol](*inputs, out, chunk)
+        return out
 
     return forward
 
@@ -341,29 +348,15 @@ def fused_kernel(libraries, manifest):
 def check_fused_correctness(libraries, manifest) -> list[dict]:
     """The compiled CUDA fused forward against the float64 reference (``check_fused_case``), every
     dtype, direction, chunk 0 and 3, the shapes of :func:`check_correctness`."""
-    from gspn_ref import DIRECTIONS
-    import torch
+    from gspn_ref.testing import check_fused_case
 
-    from gspn_ref.testing import ScanCase, check_fused_case
+    forward = forward_kernel(libraries, manifest, "fused")
 
-    forward = fused_kernel(libraries, manifest)
-    rows = []
-    for dtype_name in manifest["dtypes"]:
-        for B, C, G, H, W in CORRECTNESS_SHAPES + WIDE_SHAPES:
-            for direction in DIRECTIONS:
-                for chunk in (0, 3):
-                    case = ScanCase(B, C, G, H, W, direction, chunk)
-                    try:
-                        check_fused_case(forward, case, getattr(torch, dtype_name), backward=False, device="cuda")
-                        ok, error = True, ""
-                    except AssertionError as mismatch:
-                        ok, error = False, str(mismatch)
-                    rows.append({"dtype": dtype_name, "shape": [B, C, G, H, W], "direction": direction,
-                                 "chunk": chunk, "ok": ok, "error": error})
-                    if not ok:
-                        print("FUSED MISMATCH", rows[-1])
-    print(f"fused correctness: {sum(r['ok'] for r in rows)}/{len(rows)} cases within tolerance")
-    return rows
+    def check(case, dtype, _):
+        check_fused_case(forward, case, dtype, backward=False, device="cuda")
+
+    shapes = [(shape, False) for shape in CORRECTNESS_SHAPES + WIDE_SHAPES]
+    return _check_cases("fused", manifest["dtypes"], shapes, check)
 
 
 def time_fused_and_probes(libraries, manifest, bandwidth: float) -> list[dict]:
@@ -375,7 +368,7 @@ def time_fused_and_probes(libraries, manifest, bandwidth: float) -> list[dict]:
     from gspn_ref import normalize_weights
     from gspn.bench.core import fused_scan_bytes, scan_bytes
 
-    fused = fused_kernel(libraries, manifest)
+    fused = forward_kernel(libraries, manifest, "fused")
     scan = libraries[("scan", "float32")]
     rows = []
     for B, C, H, W in TIMED_SHAPES:
@@ -411,7 +404,7 @@ def time_fused_and_probes(libraries, manifest, bandwidth: float) -> list[dict]:
             base = manifest["forward"][direction]
             variants = [("scheduled, 256 threads", base)]
             variants += [(f"line pipeline, {threads} threads", f"{base}_lines{threads}")
-                         for longest, threads in manifest["line_classes"] if length <= threads]  # fmt: skip
+                         for threads in manifest["line_threads"] if length <= threads]  # fmt: skip
             if direction == "t2b":
                 variants.append(("scheduled, wide", f"{base}_wide"))
             for variant, symbol in variants:
@@ -441,22 +434,10 @@ def time_fused_and_probes(libraries, manifest, bandwidth: float) -> list[dict]:
 def register_torch_kernels(libraries, manifest) -> None:
     """The compiled kernels as the CUDA kernels of ``gspn::scan`` and ``gspn::fused_scan`` (what
     ``gspn_tvm.enable()`` does with the full TVM; here with the runtime alone)."""
-    import torch
-
     from gspn_ref.ops import fused_scan_op, scan_op
 
-    fused = fused_kernel(libraries, manifest)
-
-    def scan(x, lam, gl, gm, gr, direction, chunk):
-        inputs = [t.detach().contiguous() for t in (x, lam, gl, gm, gr)]
-        h = torch.empty_like(inputs[0])
-        chunk = 0 if chunk >= _line_count(direction, x.shape[2], x.shape[3]) else chunk
-        symbol = forward_symbol(manifest, "scan", direction, x.shape[2], x.shape[3])
-        libraries[("scan", str(x.dtype).replace("torch.", ""))][symbol](*inputs, h, chunk)
-        return h
-
-    scan_op.register_kernel("cuda")(scan)
-    fused_scan_op.register_kernel("cuda")(fused)
+    scan_op.register_kernel("cuda")(forward_kernel(libraries, manifest, "scan"))
+    fused_scan_op.register_kernel("cuda")(forward_kernel(libraries, manifest, "fused"))
 
 
 def time_gspn_tiny(libraries, manifest) -> list[dict]:

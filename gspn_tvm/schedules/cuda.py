@@ -36,24 +36,18 @@ from ..compute import fused_scan_forward, scan_backward, scan_forward
 
 THREADS = 256
 #: Threads per block of the wide variants of the row-scan forwards (``t2b``, ``b2t``), which run for
-#: rows of at least ``WIDE_MIN_LENGTH`` positions. Each line step costs one barrier and one round of
+#: rows longer than the line pipelines take (below). Each line step costs one barrier and one round of
 #: dependent global loads per ``threads`` positions, so a row of 1024 takes four rounds with 256
 #: threads and one with 1024: measured on an H100 at (16, 8, 1024, 1024), t2b 7.3 ms with 256
 #: threads, 4.9 ms with 512, 4.5 ms with 1024; at 56x56 planes 1024 threads are 2.9x slower than 256
 #: (few positions, idle threads at every barrier). Column scans gained nothing (30.4 vs 29.6 ms).
 WIDE_THREADS = 1024
-WIDE_MIN_LENGTH = 384
 WIDE_DIRECTIONS = ("t2b", "b2t")
 
 
 def wide_name(symbol: str) -> str:
     """Symbol of the wide (``WIDE_THREADS``) variant of the compiled function ``symbol``."""
     return f"{symbol}_wide"
-
-
-def uses_wide(direction: str, H: int, W: int) -> bool:
-    """Whether a forward of ``direction`` over (H, W) planes runs the wide variant."""
-    return direction in WIDE_DIRECTIONS and W >= WIDE_MIN_LENGTH
 
 
 def _bind_positions(sch: s_tir.Schedule, block, threads: int = THREADS) -> None:
@@ -153,8 +147,9 @@ def backward_fits(C: int, G: int, length: int) -> bool:
 # step reads one buffer and writes the other). The barrier is outside every condition, which keeps
 # TVM's barrier planner content.
 
-#: (longest line, threads per block) of the line-pipeline variants, shortest first.
-LINE_CLASSES = ((64, 64), (256, 256), (1024, 1024))
+#: Threads per block of the line-pipeline variants, fewest first; one thread per position, so a
+#: variant takes lines of up to its thread count.
+LINE_THREADS = (64, 256, 1024)
 #: Lines whose inputs are loaded together (registers per thread: 4 per line, 6 for the fused scan).
 TILE = {False: 8, True: 4}
 
@@ -168,10 +163,7 @@ def line_class(direction: str, H: int, W: int) -> int | None:
     """Threads of the line-pipeline variant for planes (H, W) scanned in ``direction`` (None: lines
     longer than the largest class, which run the scheduled forward)."""
     length = H if is_column(direction) else W
-    for longest, threads in LINE_CLASSES:
-        if length <= longest:
-            return threads
-    return None
+    return next((threads for threads in LINE_THREADS if length <= threads), None)
 
 
 def forward_symbol(symbol: str, direction: str, H: int, W: int) -> str:
@@ -180,7 +172,7 @@ def forward_symbol(symbol: str, direction: str, H: int, W: int) -> str:
     threads = line_class(direction, H, W)
     if threads is not None:
         return line_class_name(symbol, threads)
-    return wide_name(symbol) if uses_wide(direction, H, W) else symbol
+    return wide_name(symbol) if direction in WIDE_DIRECTIONS else symbol
 
 
 def fused_runs_composed(direction: str, H: int, W: int) -> bool:
@@ -190,13 +182,30 @@ def fused_runs_composed(direction: str, H: int, W: int) -> bool:
     (its 1024 threads leave 64 registers each for seven strided column streams and the
     normalization), scheduled fused kernel 44.0 ms, composed 17.3 ms; rows at the same size: fused
     3.3 ms, composed 8.0 ms; 56 x 56 columns: fused 0.13 ms, composed 0.34 ms."""
-    return is_column(direction) and H > LINE_CLASSES[-2][0]
+    return is_column(direction) and H > LINE_THREADS[-2]
 
 
 def _line_pipeline(direction: str, dtype: str, fused: bool, threads: int):
     """Body macro of the line-pipeline forward (see above) for lines of at most ``threads``."""
     f32 = compute.ACCUMULATION_DTYPE
     column, reverse, tile = is_column(direction), is_reversed(direction), TILE[fused]
+
+    @T.macro(hygienic=False)
+    def line_step(previous, current, k):
+        """Step ``s0 * tile + k``: the line from ``previous`` (the last line, float32) into
+        ``current`` and the output; names from :func:`planes` where it is expanded."""
+        if p < length and s0 * tile + k < n_lines:
+            s: T.int64 = s0 * tile + k
+            line: T.int64 = n_lines - 1 - s if reverse else s
+            i: T.int64 = p if column else line
+            j: T.int64 = line if column else p
+            restart = T.meta_var(compute._starts_segment(s, chk))
+            h: T.float32 = lx[k] + T.Select(
+                restart, T.float32(0),
+                compute._term(p > 0, rl[k], previous[p]) + rm[k] * previous[p + 1]
+                + compute._term(p + 1 < length, rr[k], previous[p + 2]))  # fmt: skip
+            current[p + 1] = h
+            out[b, c, i, j] = T.Cast(out.dtype, h * rg[k] + rs[k] if fused else h)
 
     @T.macro
     def planes(x, lam, wl, wm, wr, gate, skip, out, B, C, G, H, W, chk):
@@ -236,28 +245,11 @@ def _line_pipeline(direction: str, dtype: str, fused: bool, threads: int):
                     if fused:
                         rg[k] = T.Cast(f32, gate[b, c, i, j])
                         rs[k] = T.Cast(f32, x[b, c, i, j]) * T.Cast(f32, skip[b, c, i, j])
-            for k in T.unroll(tile):
-                if p < length and s0 * tile + k < n_lines:
-                    s: T.int64 = s0 * tile + k
-                    line: T.int64 = n_lines - 1 - s if reverse else s
-                    i: T.int64 = p if column else line
-                    j: T.int64 = line if column else p
-                    restart = T.meta_var(compute._starts_segment(s, chk))
-                    # tile is even, so step s reads ``even`` exactly when k is even.
-                    if k % 2 == 0:
-                        h: T.float32 = lx[k] + T.Select(
-                            restart, T.float32(0),
-                            compute._term(p > 0, rl[k], even[p]) + rm[k] * even[p + 1]
-                            + compute._term(p + 1 < length, rr[k], even[p + 2]))  # fmt: skip
-                        odd[p + 1] = h
-                        out[b, c, i, j] = T.Cast(dtype, h * rg[k] + rs[k] if fused else h)
-                    else:
-                        h: T.float32 = lx[k] + T.Select(
-                            restart, T.float32(0),
-                            compute._term(p > 0, rl[k], odd[p]) + rm[k] * odd[p + 1]
-                            + compute._term(p + 1 < length, rr[k], odd[p + 2]))  # fmt: skip
-                        even[p + 1] = h
-                        out[b, c, i, j] = T.Cast(dtype, h * rg[k] + rs[k] if fused else h)
+            # tile is even, so every even step reads ``even`` and every odd step ``odd``.
+            for k2 in T.unroll(tile // 2):
+                line_step(even, odd, 2 * k2)
+                T.tvm_storage_sync("shared")
+                line_step(odd, even, 2 * k2 + 1)
                 T.tvm_storage_sync("shared")
 
     return planes

@@ -27,15 +27,21 @@ TARGET = tvm.target.Target("llvm")
 SHAPES: dict[int, list] = {}
 
 
-def legalized(build, *shapes) -> tirx.PrimFunc:
-    """The one PrimFunc Relax's LegalizeOps makes of ``build(*input vars)``."""
+def relax_module(build, *shapes) -> tvm.IRModule:
+    """A Relax module whose ``main`` takes float32 tensors of ``shapes`` and returns
+    ``build(bb, *input vars)`` (``bb`` emits any intermediate bindings)."""
     bb = relax.BlockBuilder()
     params = [relax.Var(f"x{i}", relax.TensorType(shape, "float32")) for i, shape in enumerate(shapes)]
     with bb.function("main", params):
         with bb.dataflow():
-            out = bb.emit_output(build(*params))
+            out = bb.emit_output(build(bb, *params))
         bb.emit_func_output(out)
-    mod = relax.transform.LegalizeOps()(bb.get())
+    return bb.get()
+
+
+def legalized(build, *shapes) -> tirx.PrimFunc:
+    """The one PrimFunc Relax's LegalizeOps makes of ``build(*input vars)``."""
+    mod = relax.transform.LegalizeOps()(relax_module(lambda _, *params: build(*params), *shapes))
     funcs = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
     assert len(funcs) == 1
     SHAPES[id(funcs[0])] = list(shapes)
@@ -192,14 +198,7 @@ def test_failing_rule_is_logged_and_skipped(caplog):
 
 def _strided_conv_module(side):
     """One 3x3 stride-2 padded convolution over (2, 8, side, side), ``side`` an int or symbolic."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((2, 8, side, side), "float32"))
-    w = relax.Var("w", relax.TensorType((16, 8, 3, 3), "float32"))
-    with bb.function("main", [x, w]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.nn.conv2d(x, w, strides=2, padding=1))
-        bb.emit_func_output(out)
-    return bb.get()
+    return relax_module(lambda _, x, w: relax.op.nn.conv2d(x, w, strides=2, padding=1), (2, 8, side, side), (16, 8, 3, 3))
 
 
 @pytest.mark.parametrize("symbolic", [False, True])
@@ -237,16 +236,12 @@ def test_strided_convolutions_become_im2col_and_a_1x1_convolution(symbolic):
 def test_im2col_leaves_unstrided_and_grouped_convolutions():
     from gspn_tvm.relax_cpu_schedule import strided_convolutions_as_im2col
 
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 8, 12, 12), "float32"))
-    w = relax.Var("w", relax.TensorType((8, 8, 3, 3), "float32"))
-    dw = relax.Var("dw", relax.TensorType((8, 1, 3, 3), "float32"))
-    with bb.function("main", [x, w, dw]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, w, strides=1, padding=1))
-            out = bb.emit_output(relax.op.nn.conv2d(y, dw, strides=2, padding=1, groups=8))
-        bb.emit_func_output(out)
-    text = strided_convolutions_as_im2col(bb.get()).script(show_meta=False)
+    def build(bb, x, w, dw):
+        y = bb.emit(relax.op.nn.conv2d(x, w, strides=1, padding=1))
+        return relax.op.nn.conv2d(y, dw, strides=2, padding=1, groups=8)
+
+    mod = relax_module(build, (1, 8, 12, 12), (8, 8, 3, 3), (8, 1, 3, 3))
+    text = strided_convolutions_as_im2col(mod).script(show_meta=False)
     assert text.count("R.nn.conv2d") == 2 and "strided_slice" not in text
 
 
@@ -255,18 +250,15 @@ def test_reshapes_are_views_not_copy_kernels():
     reshapes after its strided convolutions), is a view in the compiled model: no copy kernel."""
     from gspn_tvm.relax_cpu_schedule import cpu_pipeline
 
+    def build(bb, x, w):
+        y = bb.emit(relax.op.nn.conv2d(x, w, strides=2, padding=1))
+        half = y.ty.shape.values[2]  # (side - 1) // 2 + 1
+        z = bb.emit(relax.op.reshape(relax.op.add(y, y), (1, 4, 16 * half, half)))
+        return relax.op.multiply(z, z)
+
     side = tirx.Var("side", "int64")
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 64, side, side), "float32"))
-    w = relax.Var("w", relax.TensorType((64, 64, 3, 3), "float32"))
-    with bb.function("main", [x, w]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, w, strides=2, padding=1))
-            half = y.ty.shape.values[2]  # (side - 1) // 2 + 1
-            z = bb.emit(relax.op.reshape(relax.op.add(y, y), (1, 4, 16 * half, half)))
-            out = bb.emit_output(relax.op.multiply(z, z))
-        bb.emit_func_output(out)
-    main = cpu_pipeline(TARGET)(bb.get())["main"].script(show_meta=False)
+    mod = relax_module(build, (1, 64, side, side), (64, 64, 3, 3))
+    main = cpu_pipeline(TARGET)(mod)["main"].script(show_meta=False)
     copies = [line.strip()[:120] for line in main.splitlines() if "reshape" in line and "vm.builtin.reshape" not in line]
     print(copies)
     assert "vm.builtin.reshape" in main and not copies
