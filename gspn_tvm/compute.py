@@ -455,6 +455,25 @@ def scan_backward(direction: str, dtype: str):
 #: same cache sets.
 TILE_PAD = 16
 
+#: Planes of at most this many elements (64 x 64) prefetch the next plane while they are scanned:
+#: a column tile reads each input 8 rows at a time, 32 bytes per row, a pattern the hardware
+#: prefetchers do not follow across many small planes (2-core EPYC, (1, 576, 56, 56) l2r: plain scan
+#: 3.6 -> 2.9 ms, fused 7.0 -> 5.5 ms); a larger plane would evict the tiles it is working on.
+PREFETCH_PLANE_ELEMENTS = 4096
+
+#: Elements per prefetched cache line (64 bytes of float32; for 16-bit dtypes every other line).
+PREFETCH_STRIDE = 16
+
+
+def _prefetch(buffer, b, c, q, W):
+    """A read prefetch (kept in every cache level) of element ``PREFETCH_STRIDE * q`` of plane
+    ``buffer[b, c]`` (row-major over ``H x W``)."""
+    flat = q * PREFETCH_STRIDE
+    return T.call_llvm_intrin(
+        "void", "llvm.prefetch.p0", T.address_of(buffer[b, c, flat // W, flat % W]), T.int32(0), T.int32(3), T.int32(1)
+    )
+
+
 #: Side of the register blocks that stage a tile (8 float32: one AVX2 vector); the rows and
 #: columns of a tile beyond a multiple of it are copied one element at a time.
 V = 8
@@ -560,6 +579,22 @@ def _column_tile_planes(direction: str, dtype: str, fused: bool, tile: int):
                     with T.sblock("clear"):
                         vq = T.axis.spatial(H + 2, q)
                         state[vq] = T.float32(0)
+                if H * W <= PREFETCH_PLANE_ELEMENTS:
+                    n_prefetches = T.meta_var((H * W + (PREFETCH_STRIDE - 1)) // PREFETCH_STRIDE)
+                    for q in range(n_prefetches):
+                        with T.sblock("prefetch_next_plane"):
+                            vq = T.axis.opaque(n_prefetches, q)
+                            # the next channel of this batch item (the last channel prefetches itself)
+                            nc = T.meta_var(T.min(vc + 1, C - 1))
+                            ng = T.meta_var(nc // (C // G))
+                            T.evaluate(_prefetch(x, vb, nc, vq, W))
+                            T.evaluate(_prefetch(lam, vb, nc, vq, W))
+                            T.evaluate(_prefetch(wl, vb, ng, vq, W))
+                            T.evaluate(_prefetch(wm, vb, ng, vq, W))
+                            T.evaluate(_prefetch(wr, vb, ng, vq, W))
+                            if fused:
+                                T.evaluate(_prefetch(gate, vb, nc, vq, W))
+                                T.evaluate(_prefetch(skip, vb, nc, vq, W))
                 for t in range(n_tiles):
                     with T.sblock("tile"):
                         vt = T.axis.opaque(n_tiles, t)
@@ -663,7 +698,8 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
     """Forward column scan (``l2r``/``r2l``) staged through ``tile``-column transposed tiles.
 
     Same arguments and result as :func:`scan_forward`. Blocks: ``plane`` per ``(b, c)``; inside it
-    ``tile`` per ``tile`` columns in scan order, holding ``stage_in_8x8`` (the tile's inputs copied
+    ``prefetch_next_plane`` (planes of at most :data:`PREFETCH_PLANE_ELEMENTS`: a prefetch of every
+    cache line of the next channel's inputs) and ``tile`` per ``tile`` columns in scan order, holding ``stage_in_8x8`` (the tile's inputs copied
     into ``(tile, H + TILE_PAD)`` float32 buffers, transposed so that a column is contiguous, one
     ``V x V`` block at a time through a block-local register tile: vector loads along the rows of the
     input, vector stores along the staged columns; the constant block shape is what lets LLVM emit

@@ -6,7 +6,8 @@ vectorizes (AVX2/AVX-512): symbolic line lengths rule out TVM's own fixed-width 
 scalar tail, and LLVM emits the vector body plus remainder itself.
 
 Column scans (``l2r``, ``r2l``) would read and write memory with a stride of ``W`` elements, one
-cache line per element. They use the compute variants that stage ``TILE_LINES`` columns through
+cache line per element. They use the compute variants that stage ``TILE_LINES`` columns
+(``BACKWARD_TILE_LINES`` in the adjoint) through
 transposed tiles declared in the TensorIR itself (:func:`gspn_tvm.compute.scan_forward_column_tiles`,
 :func:`gspn_tvm.compute.scan_backward_column_tiles`: why there, not here, is said there); this
 schedule only makes their tasks parallel. (Staging by ``cache_read``/``cache_write`` at a tile loop,
@@ -38,11 +39,17 @@ from ..compute import (
     scan_forward_column_tiles,
 )
 
-#: Columns per staged tile. Column scans stage ``TILE_LINES * (H + TILE_PAD)`` float32 elements per
-#: staged tensor and task (see :func:`gspn_tvm.compute.scan_forward_column_tiles`): 6 tensors forward,
-#: 12 in the adjoint. 32 measured faster than 16 and 64 on a 2-core EPYC at (2, 8, 1024, 1024)
-#: (16.0x vs 22.8x and 18.3x the floor): 64 columns of 6 tensors overflow a 1 MiB L2 at H = 1024.
-TILE_LINES = 32
+#: Columns per staged tile of the forward column scans: ``TILE_LINES * (H + TILE_PAD)`` float32
+#: elements per staged tensor and task (see :func:`gspn_tvm.compute.scan_forward_column_tiles`), 6
+#: tensors (8 fused): 3.2 (4.3) MiB per thread at H = 1024. Wider tiles read longer runs of each
+#: input row (512 bytes at 128 columns): at 1024^2 every row is another 4 KiB page, and the TLB
+#: misses per tile row, not the cache, set the time. 2-core EPYC, (2, 8, 1024, 1024) l2r: plain
+#: 67.7 ms (32) -> 30.6 (128), fused 99 -> 50 (128; 256 columns: 88, the tiles overflow the L2).
+TILE_LINES = 128
+
+#: Columns per staged tile of the adjoint column scans (12 staged tensors: 3.2 MiB per thread at
+#: H = 1024): at (2, 8, 1024, 1024) 124.6 ms (32) -> 96.5 (64), 96.3 (128).
+BACKWARD_TILE_LINES = 64
 
 #: float32 lanes of the position loops vectorized by TVM in row scans (one AVX2 register; LLVM splits
 #: it in two SSE registers at x86-64-v2).
@@ -95,5 +102,5 @@ def schedule_fused_forward(direction: str, dtype: str):
 def schedule_backward(direction: str, dtype: str):
     """Scheduled adjoint PrimFunc for ``direction`` and storage ``dtype`` (one task per ``(b, g)``)."""
     if is_column(direction):
-        return _parallel_tasks(scan_backward_column_tiles(direction, dtype, TILE_LINES), "slice")
+        return _parallel_tasks(scan_backward_column_tiles(direction, dtype, BACKWARD_TILE_LINES), "slice")
     return _parallel_tasks(scan_backward(direction, dtype), "slice")

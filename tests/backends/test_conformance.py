@@ -103,9 +103,9 @@ def test_edge_shapes(backend, case):
 
 @pytest.mark.parametrize("direction", ["t2b", "b2t", "l2r", "r2l"])
 def test_long_lines_and_strips(backend, direction):
-    """Lines longer than a vector, widths not a multiple of any strip or tile (16, 64), groups,
+    """Lines longer than a vector, widths not a multiple of any strip or tile (16, 64, 128), groups,
     unnormalized weights and a chunk that does not divide the line count."""
-    case = ScanCase(2, 6, 3, 37, 70, direction, 9)
+    case = ScanCase(2, 6, 3, 37, 139, direction, 9)
     for dtype in backend.dtypes:
         check_scan_case(backend.forward, case, dtype, backward=backend.backward, device=backend.device,
                         seed=5, normalized=False)  # fmt: skip

@@ -59,7 +59,8 @@ def test_column_tiles_are_declared_inside_the_tile_block(direction, pass_):
     assert len(tile_buffers) == STAGED[pass_], [b.name for b in tile_buffers]
     for buffer in tile_buffers:
         shape = list(buffer.shape)
-        assert [int(d) for d in shape[:-1]] in ([cpu.TILE_LINES], [3, cpu.TILE_LINES]), f"{buffer.name}: {shape}"
+        lines = cpu.TILE_LINES if pass_ == "forward" else cpu.BACKWARD_TILE_LINES
+        assert [int(d) for d in shape[:-1]] in ([lines], [3, lines]), f"{buffer.name}: {shape}"
         assert str(shape[-1]).replace(" ", "") == f"H+T.int64({compute.TILE_PAD})", f"{buffer.name}: rows of {shape[-1]}"
     task = blocks["plane" if pass_ == "forward" else "slice"]
     for buffer in task.alloc_buffers:  # the carried state: one line (per channel of the group) only
@@ -97,6 +98,22 @@ def test_column_scans_are_parallel_over_tasks(direction):
         assert "T.parallel(" in script, f"{pass_}: tasks not parallel"
 
 
+@pytest.mark.parametrize("direction", ["l2r", "r2l"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_small_planes_prefetch_every_input_of_the_next_channel(direction, fused):
+    """Column forwards prefetch the next channel's inputs, one per 64-byte line, only where a plane
+    has at most ``PREFETCH_PLANE_ELEMENTS`` elements (a larger one would evict the working tiles)."""
+    schedule = cpu.schedule_fused_forward if fused else cpu.schedule_forward
+    func = schedule(direction, "float32")
+    script = func.script()
+    assert f"if H * W <= T.int64({compute.PREFETCH_PLANE_ELEMENTS})" in script, script[:3000]
+    prefetch = _Blocks(func)["prefetch_next_plane"].script()
+    inputs = 7 if fused else 5
+    assert prefetch.count("\"llvm.prefetch\"") == inputs, prefetch
+    # every prefetch reads the next channel (its weights: the next channel's group), none this one
+    assert prefetch.count("T.min(vc + T.int64(1), C - T.int64(1))") >= inputs, prefetch
+
+
 WORKSPACE = """
 import ctypes, gc, json, sys, torch
 from gspn_tvm import kernels, soak
@@ -122,7 +139,8 @@ print(json.dumps({"threads": torch.get_num_threads(), "rows": rows}))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs glibc's malloc_trim and /proc")
 def test_workspace_kept_after_a_call_is_bounded_by_the_tiles():
     """After one call at (1, 2, 1024, 1024) the process keeps at most the tiles of one task per
-    thread (12 x 32 x 1040 float32 = 1.5 MiB), not plane-sized staging (before: 6x the data, 50+ MiB
+    thread and pass (forward 6 x 128 x 1040, adjoint 12 x 64 x 1040 float32: 3.05 MiB each; the
+    adjoint is measured after the forward, so both count), not plane-sized staging (before: 6x the data, 50+ MiB
     here). glibc's free memory is returned first (malloc_trim), so what is left is held by TVM."""
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(WORKSPACE)], capture_output=True, text=True,
@@ -130,7 +148,7 @@ def test_workspace_kept_after_a_call_is_bounded_by_the_tiles():
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     print(out)
-    per_thread = 12 * cpu.TILE_LINES * (1024 + compute.TILE_PAD) * 4
+    per_thread = (6 * cpu.TILE_LINES + 12 * cpu.BACKWARD_TILE_LINES) * (1024 + compute.TILE_PAD) * 4
     bound = out["threads"] * per_thread + 2 * 2**20
     for direction, (forward, backward) in out["rows"].items():
         assert forward <= bound and backward <= bound, f"{direction}: kept {forward} / {backward} bytes, bound {bound}"
