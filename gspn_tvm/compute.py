@@ -44,6 +44,11 @@ def fused_forward_name(direction: str) -> str:
     return f"gspn_fused_scan_forward_{direction}"
 
 
+def packed_logits_name(symbol: str) -> str:
+    """Symbol of the packed-logits variant of the fused forward ``symbol``."""
+    return f"{symbol}_packed_logits"
+
+
 def backward_name(direction: str) -> str:
     """Symbol of the compiled adjoint scan for ``direction``."""
     return f"gspn_scan_backward_{direction}"
@@ -254,6 +259,43 @@ def _forward_func(dtype: str, fused: bool, planes, symbol: str):
     return forward.with_attr("global_symbol", symbol)
 
 
+def _packed_logits_forward_func(dtype: str, planes, symbol: str):
+    """The fused forward PrimFunc around ``planes`` with the three weight logits packed in one
+    tensor ``logits`` ``(B, 3 * G, H, W)`` (``al, am, ar`` its channel thirds, as ``chunk(3, dim=1)``
+    of a projection makes them), read in place through three strided views."""
+
+    @T.prim_func(s_tir=True)
+    def forward(u_handle: T.handle, lam_handle: T.handle, logits_handle: T.handle, gate_handle: T.handle,
+                skip_handle: T.handle, y_handle: T.handle, chunk: T.int64):  # fmt: skip
+        T.func_attr({"tir.noalias": True})
+        B, C, G3, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        u = T.match_buffer(u_handle, (B, C, H, W), dtype)
+        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
+        logits = T.match_buffer(logits_handle, (B, G3, H, W), dtype)
+        gate = T.match_buffer(gate_handle, (B, C, H, W), dtype)
+        skip = T.match_buffer(skip_handle, (B, C, H, W), dtype)
+        y = T.match_buffer(y_handle, (B, C, H, W), dtype)
+        G = T.meta_var(G3 // 3)
+        chk = T.meta_var(T.Cast("int64", chunk))
+        assert G3 % 3 == 0 and G >= 1 and G <= C and C % G == 0, "logits: expected 3 * G channels, G dividing C"
+        assert chk >= 0, "chunk: expected an int >= 0"
+        strides = T.meta_var([G3 * H * W, H * W, W, T.int64(1)])
+        al = T.decl_buffer((B, G, H, W), dtype, data=logits.data, strides=strides, elem_offset=0)
+        am = T.decl_buffer((B, G, H, W), dtype, data=logits.data, strides=strides, elem_offset=G * H * W)
+        ar = T.decl_buffer((B, G, H, W), dtype, data=logits.data, strides=strides, elem_offset=2 * G * H * W)
+        planes(u, lam, al, am, ar, gate, skip, y, B, C, G, H, W, chk)
+
+    return forward.with_attr("global_symbol", symbol)
+
+
+def _fused_func(dtype: str, planes, symbol: str, packed_logits: bool):
+    """The fused forward around ``planes``: logits as three tensors, or packed in one
+    (:func:`_packed_logits_forward_func`)."""
+    if packed_logits:
+        return _packed_logits_forward_func(dtype, planes, packed_logits_name(symbol))
+    return _forward_func(dtype, True, planes, symbol)
+
+
 def scan_forward(direction: str, dtype: str):
     """Forward scan ``h = scan(x, lam, gl, gm, gr)`` along ``direction``, storage ``dtype``.
 
@@ -264,16 +306,18 @@ def scan_forward(direction: str, dtype: str):
     return _forward_func(dtype, False, _row_planes(direction, dtype, False), forward_name(direction))
 
 
-def fused_scan_forward(direction: str, dtype: str):
+def fused_scan_forward(direction: str, dtype: str, packed_logits: bool = False):
     """Fused forward ``y = scan(u, lam, normalize(al, am, ar)) * gate + u * skip`` along ``direction``.
 
     Arguments: ``u, lam, gate, skip, y``: ``(B, C, H, W)``; ``al, am, ar`` (weight logits):
     ``(B, G, H, W)``; ``chunk``: int64 >= 0. The blocks of :func:`scan_forward`; the weights are
     normalized where they are read, in float32, and ``h`` lives in the line buffers only: ``y`` is
-    the one tensor written, rounded once.
+    the one tensor written, rounded once. ``packed_logits``: the logits come as one ``(B, 3 * G, H,
+    W)`` tensor instead (arguments ``u, lam, logits, gate, skip, y, chunk``; symbol
+    :func:`packed_logits_name`), so that a model's ``chunk(3, dim=1)`` of its projection is no copy.
     """
     assert direction in DIRECTIONS, direction
-    return _forward_func(dtype, True, _row_planes(direction, dtype, True), fused_forward_name(direction))
+    return _fused_func(dtype, _row_planes(direction, dtype, True), fused_forward_name(direction), packed_logits)
 
 
 def scan_backward(direction: str, dtype: str):
@@ -713,13 +757,13 @@ def scan_forward_column_tiles(direction: str, dtype: str, tile: int):
     return _forward_func(dtype, False, _column_tile_planes(direction, dtype, False, tile), forward_name(direction))
 
 
-def fused_scan_forward_column_tiles(direction: str, dtype: str, tile: int):
+def fused_scan_forward_column_tiles(direction: str, dtype: str, tile: int, packed_logits: bool = False):
     """Fused forward column scan staged like :func:`scan_forward_column_tiles`; arguments as
     :func:`fused_scan_forward`. The logits are staged where the weights are and normalized in the
     ``step``/``ends`` blocks; ``gate`` and ``skip`` are staged too, and a ``gate`` block turns the
     tile's ``h`` into ``y`` before it is copied out (8 staged tensors per tile)."""
     assert is_column(direction), direction
-    return _forward_func(dtype, True, _column_tile_planes(direction, dtype, True, tile), fused_forward_name(direction))
+    return _fused_func(dtype, _column_tile_planes(direction, dtype, True, tile), fused_forward_name(direction), packed_logits)
 
 
 def scan_backward_column_tiles(direction: str, dtype: str, tile: int):

@@ -28,6 +28,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.runtime.params import save_param_dict_to_file
 from tvm.runtime.vm import VirtualMachine
+from tvm.sym import Analyzer
 
 from gspn_ref.onnx_op import DOMAIN as ONNX_SCAN_DOMAIN
 from gspn_ref.onnx_op import FUSED_INPUT_NAMES, FUSED_OP_TYPE, INPUT_NAMES
@@ -127,24 +128,30 @@ def _check_model_dtypes(model: torch.nn.Module, args: tuple) -> None:
             )
 
 
-def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Target, fused: bool = False) -> tirx.PrimFunc:
+def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Target, fused: bool = False,
+                packed_logits: bool = False) -> tirx.PrimFunc:  # fmt: skip
     """The project's forward scan (``fused``: the fused scan) for ``direction``/``dtype``, scheduled
     for ``target``, ``chunk`` bound.
 
     Arguments of the returned PrimFunc: ``x, lam, h`` ``(B, C, H, W)``, ``gl, gm, gr`` ``(B, G, H, W)``
     in the order ``x, lam, gl, gm, gr, h``; fused: ``u, lam, al, am, ar, gate, skip, y`` (``al, am,
-    ar`` ``(B, G, H, W)``, the others ``(B, C, H, W)``). Sizes symbolic.
+    ar`` ``(B, G, H, W)``, the others ``(B, C, H, W)``); fused with ``packed_logits`` (CPU only):
+    ``u, lam, logits, gate, skip, y`` (``logits`` ``(B, 3 * G, H, W)``). Sizes symbolic.
     """
     from .schedules import cpu, cuda
 
     schedule = cuda if target.kind.name == "cuda" else cpu
-    func = (schedule.schedule_fused_forward if fused else schedule.schedule_forward)(direction, dtype)
+    if packed_logits:
+        func = cpu.schedule_fused_forward(direction, dtype, packed_logits=True)
+    else:
+        func = (schedule.schedule_fused_forward if fused else schedule.schedule_forward)(direction, dtype)
     # The chunk of every scan of a model is a constant of the graph: bind it so the kernel folds it.
     chunk_param = func.params[-1]
     func = func.specialize({chunk_param: tirx.IntImm(str(chunk_param.ty), chunk)})
     return func.with_attrs(
         {
-            "global_symbol": f"{(fused_forward_name if fused else forward_name)(direction)}_{dtype}_chunk{chunk}",
+            "global_symbol": f"{(fused_forward_name if fused else forward_name)(direction)}_{dtype}_chunk{chunk}"
+                             + ("_packed_logits" if packed_logits else ""),
             "tirx.is_scheduled": True,
             "op_pattern": OP_PATTERN_OPAQUE,
         }
@@ -176,11 +183,45 @@ class ScanEmitter:
         for name, value in zip(names[1:], inputs[1:]):
             if str(value.ty.dtype) != dtype:
                 raise ValueError(f"{op}: {name} has dtype {value.ty.dtype}; expected {dtype} (the dtype of {names[0]})")
-        key = (fused, direction, dtype, chunk)
+        packed = self._packed_logits(bb, inputs[2:5]) if fused else None
+        if packed is not None:
+            inputs = [inputs[0], inputs[1], packed, inputs[5], inputs[6]]
+        key = (fused, direction, dtype, chunk, packed is not None)
         if key not in self._kernels:
-            kernel = scan_kernel(direction, dtype, chunk, self.target, fused)
+            kernel = scan_kernel(direction, dtype, chunk, self.target, fused, packed is not None)
             self._kernels[key] = bb.add_func(kernel, kernel.attrs["global_symbol"])
         return bb.emit(relax.call_tir(self._kernels[key], list(inputs), x_type))
+
+    def _packed_logits(self, bb: relax.BlockBuilder, logits: Sequence[relax.Expr]) -> relax.Expr | None:
+        """``w`` where the logits ``al, am, ar`` are the three outputs, in order, of ``split(w, 3,
+        axis=1)`` (a model's ``chunk(3, dim=1)`` of its weight projection) and the target is a CPU:
+        the fused kernel then reads ``w`` in place and the split, a copy of ``w``, is dead code."""
+        if self.target.kind.name != "llvm":
+            return None
+        sources = []
+        for index, value in enumerate(logits):
+            binding = bb.lookup_binding(value) if isinstance(value, relax.Var) else None
+            if not isinstance(binding, relax.TupleGetItem) or binding.index != index:
+                return None
+            sources.append(binding.tuple_value)
+        if not all(source.same_as(sources[0]) for source in sources):
+            return None
+        split = bb.lookup_binding(sources[0]) if isinstance(sources[0], relax.Var) else None
+        if not isinstance(split, relax.Call) or not split.op.same_as(tvm.ir.Op.get("relax.split")):
+            return None
+        w = split.args[0]
+        if w.ty.ndim != 4 or w.ty.shape is None or int(split.attrs.axis) % 4 != 1:
+            return None
+        sections = split.attrs.indices_or_sections
+        if isinstance(sections, tirx.IntImm):
+            return w if int(sections) == 3 else None
+        # split at indices: thirds when they are (k, 2 k) of an axis of 3 k
+        analyzer = Analyzer()
+        third = w.ty.shape.values[1] // 3
+        if len(sections) == 2 and all(analyzer.can_prove_equal(index, (i + 1) * third) for i, index in enumerate(sections)) \
+                and analyzer.can_prove_equal(w.ty.shape.values[1], 3 * third):  # fmt: skip
+            return w
+        return None
 
     def torch_converter(self, fused: bool = False) -> Callable:
         """Converter of ``torch.ops.gspn.scan.default`` (``fused``: ``torch.ops.gspn.fused_scan.default``)

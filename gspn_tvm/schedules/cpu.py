@@ -91,12 +91,13 @@ def schedule_forward(direction: str, dtype: str):
     return _row_forward(scan_forward(direction, dtype))
 
 
-def schedule_fused_forward(direction: str, dtype: str):
+def schedule_fused_forward(direction: str, dtype: str, packed_logits: bool = False):
     """Scheduled fused forward PrimFunc (one task per ``(b, c)``; column scans staged like the scan's,
-    with the same ``TILE_LINES``: 8 staged tensors instead of 6)."""
+    with the same ``TILE_LINES``: 8 staged tensors instead of 6). ``packed_logits``: the variant that
+    reads the three logits from one tensor (:func:`gspn_tvm.compute.fused_scan_forward`)."""
     if is_column(direction):
-        return _parallel_tasks(fused_scan_forward_column_tiles(direction, dtype, TILE_LINES), "plane")
-    return _row_forward(fused_scan_forward(direction, dtype))
+        return _parallel_tasks(fused_scan_forward_column_tiles(direction, dtype, TILE_LINES, packed_logits), "plane")
+    return _row_forward(fused_scan_forward(direction, dtype, packed_logits))
 
 
 def schedule_backward(direction: str, dtype: str):

@@ -198,3 +198,36 @@ def test_cuda_fused_runs_composed_only_for_long_columns():
     assert cuda.fused_runs_composed("l2r", 257, 8) and cuda.fused_runs_composed("r2l", 1024, 1024)
     assert cuda.fused_runs_composed("l2r", 4096, 8)
     assert not cuda.fused_runs_composed("l2r", 256, 1024) and not cuda.fused_runs_composed("t2b", 1024, 1024)
+
+
+@pytest.fixture(scope="module")
+def packed_logits_kernels():
+    """The CPU fused forwards reading the logits packed in one tensor (the Relax lowering's variant
+    for ``chunk(3, dim=1)`` logits), float32, every direction."""
+    import tvm
+
+    functions = {d: cpu.schedule_fused_forward(d, "float32", packed_logits=True).with_attr("global_symbol", d)
+                 for d in DIRECTIONS}  # fmt: skip
+    with tvm.transform.PassContext(opt_level=3):
+        library = tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(build.cpu_target()))
+    return {d: library[d] for d in DIRECTIONS}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize(("B", "C", "G", "H", "W", "chunk"), [(2, 6, 3, 13, 139, 4), (1, 4, 4, 9, 7, 0)])
+def test_packed_logits_kernel_equals_the_three_tensor_kernel(packed_logits_kernels, direction, B, C, G, H, W, chunk):
+    """Logits read in place from one ``(B, 3 G, H, W)`` tensor through strided views give the same
+    bits as the library kernel given ``logits.chunk(3, dim=1)`` as three tensors (same arithmetic),
+    and both match the reference."""
+    import tvm
+
+    u, lam, _, _, _, gate, skip = fused_inputs(ScanCase(B, C, G, H, W, direction, chunk), seed=B + H)
+    logits = torch.randn(B, 3 * G, H, W, generator=torch.Generator().manual_seed(W)) * 2
+    al, am, ar = logits.chunk(3, dim=1)  # views into logits, as in a model
+    expected = kernels.fused_scan_forward(u, lam, al, am, ar, gate, skip, direction, chunk)
+    y = torch.empty_like(u)
+    packed_logits_kernels[direction](*[tvm.runtime.from_dlpack(t) for t in (u, lam, logits, gate, skip, y)], chunk)
+    print(f"{direction} max |packed - three tensors| = {(y - expected).abs().max().item():.3g}")
+    assert torch.equal(y, expected)
+    reference = gspn_fused_scan_ref(*(t.double() for t in (u, lam, al, am, ar, gate, skip)), direction, chunk)
+    torch.testing.assert_close(y.double(), reference, rtol=1e-4, atol=1e-4 * (H + W))

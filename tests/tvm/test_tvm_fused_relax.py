@@ -40,18 +40,39 @@ class FusedMixer(torch.nn.Module):
                 + gspn_fused_scan(x, lam, al, am, ar, gate, skip, "r2l", 3))  # fmt: skip
 
 
-def test_compile_model_lowers_the_fused_op_and_matches_eager(monkeypatch):
+class SeparateLogitsMixer(FusedMixer):
+    """The logits from three convolutions (no split to read in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_convs = torch.nn.ModuleList(torch.nn.Conv2d(C, G, 1) for _ in range(3))
+
+    def forward(self, x):
+        al, am, ar = (conv(x) for conv in self.logit_convs)
+        return gspn_fused_scan(x, torch.sigmoid(self.lam(x)), al, am, ar, self.gate(x), x * 0.5, "l2r", 2)
+
+
+@pytest.mark.parametrize(("model_class", "packed"), [(FusedMixer, True), (SeparateLogitsMixer, False)])
+def test_compile_model_lowers_the_fused_op_and_matches_eager(monkeypatch, model_class, packed):
+    """The fused op becomes the project's kernel; where its logits are the thirds of one split
+    (``chunk(3, dim=1)``), the kernel that reads them in place (no copy), else the plain one."""
     lowered = []
     kernel = relax_frontend.scan_kernel
 
-    def spy(direction, dtype, chunk, target, fused=False):
-        lowered.append((direction, chunk, fused))
-        return kernel(direction, dtype, chunk, target, fused)
+    def spy(direction, dtype, chunk, target, fused=False, packed_logits=False):
+        lowered.append((direction, chunk, fused, packed_logits))
+        return kernel(direction, dtype, chunk, target, fused, packed_logits)
 
     monkeypatch.setattr(relax_frontend, "scan_kernel", spy)
-    model = FusedMixer().eval()
+    model = model_class().eval()
     compiled = compile_model(model, (torch.randn(2, C, 9, 11),))
-    assert sorted(lowered) == [("r2l", 3, True), ("t2b", 0, True)]
+    calls = [line.split()[1] for line in compiled.executable.as_text().splitlines() if line.strip().startswith("call ")]
+    if model_class is FusedMixer:
+        assert sorted(lowered) == [("r2l", 3, True, True), ("t2b", 0, True, True)]
+        # the split of the logits is gone: the kernels read the projection's output in place
+        assert not [name for name in calls if "split" in name], calls
+    else:
+        assert lowered == [("l2r", 2, True, False)]
     for shape in [(2, C, 9, 11), (1, C, 13, 6)]:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
         with torch.no_grad():
