@@ -18,6 +18,7 @@ from tvm import relax, s_tir, tirx
 from gspn_tvm.relax_schedules import (
     Conv1x1, Elementwise, GSPNRule, Matmul, ParallelLoops, Reduction, SpatialConv, default_rules,
 )
+from gspn_tvm.relax_schedules import base
 from gspn_tvm.relax_schedules.base import pick_vector_factor
 
 TARGET = tvm.target.Target("llvm")
@@ -123,6 +124,22 @@ def test_conv1x1_register_tile(height, width):
     assert found["conv2d_nchw_local"][0] == P and found["conv2d_nchw_local"][-1] == V
     assert 'scope="local"' in func.script()
     assert_same_results(Conv1x1(), conv1x1_func(height, width), [1, 24, height, width])
+
+
+@pytest.mark.parametrize(("channels", "side", "blocked"), [(192, 28, True), (16, 28, False), (8, 56, False)])
+def test_conv1x1_sweeps_a_large_operand_in_blocks_of_vectors(channels, side, blocked):
+    """When the pixels x input channels operand is over ``STREAMED_OPERAND_BYTES`` (192 x 28^2: 588
+    KiB), the pixel vectors run in blocks (a split of the vector loop: three splits, not two) with
+    the channel tiles inside each block, so the block's operand is reused from L2 by every tile;
+    smaller operands (16 or 8 channels) are swept whole. Same results either way."""
+    func = legalized(lambda x, w: relax.op.nn.conv2d(x, w), (1, channels, side, side), (24, channels, 1, 1))
+    sch = Conv1x1().apply(func, TARGET, False)
+    splits = [inst for inst in sch.trace.insts if inst.kind.name == "Split"]
+    assert len(splits) == (3 if blocked else 2), [str(i) for i in sch.trace.insts]
+    if blocked:
+        operand = channels * side * side * 4
+        assert operand > base.STREAMED_OPERAND_BYTES, operand
+    assert_same_results(Conv1x1(), func, [1, 24, side, side])
 
 
 def test_conv1x1_does_not_claim_other_patterns():
