@@ -117,7 +117,8 @@ def entry_record(device: str, dtype: str, library: str = "scan") -> dict:
 
 def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str, str, dict]]:
     """Symbol -> (schedule function of the target's schedule module, direction, its options) of
-    ``library``; on CUDA the forwards also come as line pipelines for lines of up to 1024
+    ``library``; on CPU the forwards also come as lane kernels for small planes (see
+    :func:`gspn_tvm.schedules.cpu.lanes_serve`), on CUDA as line pipelines for lines of up to 1024
     positions and (row scans) as a wide variant for longer rows (see
     :func:`gspn_tvm.schedules.cuda.forward_symbol`)."""
     _check_library(library)
@@ -127,6 +128,9 @@ def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str
     else:
         forwards = {compute.forward_name(d): ("schedule_forward", d, {}) for d in DIRECTIONS}
         functions = {**forwards, **{compute.backward_name(d): ("schedule_backward", d, {}) for d in DIRECTIONS}}
+    if device == "cpu":
+        lanes = "schedule_fused_forward_lanes" if library == "fused" else "schedule_forward_lanes"
+        functions.update({compute.lanes_name(symbol): (lanes, direction, {}) for symbol, (_, direction, _) in forwards.items()})
     if device == "cuda":
         pipeline = "line_pipeline_fused_forward" if library == "fused" else "line_pipeline_forward"
         for symbol, (rule, direction, _) in forwards.items():
@@ -139,8 +143,8 @@ def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str
 
 def function_names(library: str = "scan", device: str = "cpu") -> list[str]:
     """The functions of a library: the scan's 8 (forward and adjoint for every direction), the
-    fused library's 4 (the fused forward for every direction); on CUDA plus the forward variants
-    (line pipelines, wide rows)."""
+    fused library's 4 (the fused forward for every direction); plus the forward variants (CPU: lane
+    kernels; CUDA: line pipelines, wide rows)."""
     return list(_library_functions(library, device))
 
 

@@ -44,6 +44,11 @@ def fused_forward_name(direction: str) -> str:
     return f"gspn_fused_scan_forward_{direction}"
 
 
+def lanes_name(symbol: str) -> str:
+    """Symbol of the small-plane (channels as vector lanes) variant of the forward ``symbol``."""
+    return f"{symbol}_lanes"
+
+
 def packed_logits_name(symbol: str) -> str:
     """Symbol of the packed-logits variant of the fused forward ``symbol``."""
     return f"{symbol}_packed_logits"
@@ -764,6 +769,210 @@ def fused_scan_forward_column_tiles(direction: str, dtype: str, tile: int, packe
     tile's ``h`` into ``y`` before it is copied out (8 staged tensors per tile)."""
     assert is_column(direction), direction
     return _fused_func(dtype, _column_tile_planes(direction, dtype, True, tile), fused_forward_name(direction), packed_logits)
+
+
+# --- Small planes: channels as vector lanes ---------------------------------------------------------
+# Another compute variant for one target (CPU), for the reason given above the column tiles: GSPN-T
+# scans thousands of planes of 7x7 to 28x28, whose lines are too short for vectors along them (a
+# line of 14 is one vector and a scalar tail of 6; of 7 only a tail) and whose per-plane costs
+# (staging a column tile, the line loop) are paid for a few positions. Here ``LANES`` channels are
+# scanned together, one per vector lane: their planes are staged transposed (element-major, channel
+# lanes minor) with the 8x8 register transposes of the column tiles, every line and direction then
+# runs on whole vectors (any position of a line, either end included, is one vector of lanes), and
+# the result is transposed back. A plane is read as one flat run of ``H * W`` elements: the staging
+# loads index ``[b, c, 0, e]`` with ``e`` up to ``H * W``, which addresses element ``e`` of the
+# contiguous plane (the buffers are dense; the tail elements use proper ``[e // W, e % W]``).
+
+#: Channels scanned together, one per float32 vector lane (one AVX2 register).
+LANES = V
+
+#: The largest planes the lane kernels (:func:`scan_forward_lanes`) are picked for
+#: (:func:`gspn_tvm.schedules.cpu.lanes_serve`): staged, the eight tensors of a fused task take
+#: ``8 * LANES * 4 * H * W`` bytes (400 KiB at 40 x 40), within a core's L2.
+LANE_PLANE_ELEMENTS = 1600
+
+
+def _zero64():
+    return tvm.tirx.const(0, "int64")
+
+
+def _lane_copies(dtype):
+    """``(stage, unstage)``: macros moving 8 flat elements of ``LANES`` planes between a ``(B, C, H,
+    W)`` tensor and a staged ``(H * W, LANES)`` float32 buffer, through 8x8 register transposes."""
+
+    @T.macro
+    def stage(dst, src, b, planes, e0):
+        loads = T.meta_var([tvm.tirx.BufferLoad(src, [b, planes[lane], _zero64(), _ramp(e0)]) for lane in range(V)])
+        columns = T.meta_var(_transpose(loads) if src.dtype == ACCUMULATION_DTYPE
+                             else [tvm.tirx.Cast(f"{ACCUMULATION_DTYPE}x{V}", c) for c in _transpose(loads)])  # fmt: skip
+        dst[e0 + 0, T.ramp(_zero64(), 1, V)] = columns[0]
+        dst[e0 + 1, T.ramp(_zero64(), 1, V)] = columns[1]
+        dst[e0 + 2, T.ramp(_zero64(), 1, V)] = columns[2]
+        dst[e0 + 3, T.ramp(_zero64(), 1, V)] = columns[3]
+        dst[e0 + 4, T.ramp(_zero64(), 1, V)] = columns[4]
+        dst[e0 + 5, T.ramp(_zero64(), 1, V)] = columns[5]
+        dst[e0 + 6, T.ramp(_zero64(), 1, V)] = columns[6]
+        dst[e0 + 7, T.ramp(_zero64(), 1, V)] = columns[7]
+
+    @T.macro
+    def unstage(dst, staged, b, c0, e0):
+        loaded = T.meta_var([tvm.tirx.BufferLoad(staged, [e0 + k, _ramp(_zero64())]) for k in range(V)])
+        # converted before the shuffles (see _block_rows)
+        rows = T.meta_var(_transpose(loaded if dtype == ACCUMULATION_DTYPE else [tvm.tirx.Cast(f"{dtype}x{V}", c) for c in loaded]))
+        dst[b, c0 + 0, 0, T.ramp(e0, 1, V)] = rows[0]
+        dst[b, c0 + 1, 0, T.ramp(e0, 1, V)] = rows[1]
+        dst[b, c0 + 2, 0, T.ramp(e0, 1, V)] = rows[2]
+        dst[b, c0 + 3, 0, T.ramp(e0, 1, V)] = rows[3]
+        dst[b, c0 + 4, 0, T.ramp(e0, 1, V)] = rows[4]
+        dst[b, c0 + 5, 0, T.ramp(e0, 1, V)] = rows[5]
+        dst[b, c0 + 6, 0, T.ramp(e0, 1, V)] = rows[6]
+        dst[b, c0 + 7, 0, T.ramp(e0, 1, V)] = rows[7]
+
+    return stage, unstage
+
+
+def _lane_planes(direction: str, dtype: str, fused: bool):
+    """Macro of the forward body with ``LANES`` channels per task as vector lanes (see
+    :func:`scan_forward_lanes`)."""
+    f32 = ACCUMULATION_DTYPE
+    stage, unstage = _lane_copies(dtype)
+
+    @T.macro
+    def planes(x, lam, wl, wm, wr, gate, skip, out, B, C, G, H, W, chk):
+        assert C % LANES == 0, "x: expected a channel count divisible by 8 (the lane kernel)"
+        n_lines, length = T.meta_var(_line_geometry(direction, H, W))
+        n = T.meta_var(H * W)
+        full = T.meta_var(n // V * V)
+        for b, cb in T.grid(B, C // LANES):
+            with T.sblock("lanes"):
+                vb, vcb = T.axis.remap("SS", [b, cb])
+                c0 = T.meta_var(vcb * LANES)
+                if fused:
+                    T.reads(x[vb, c0:c0 + LANES, 0:H, 0:W], lam[vb, c0:c0 + LANES, 0:H, 0:W], wl[vb, 0:G, 0:H, 0:W],
+                            wm[vb, 0:G, 0:H, 0:W], wr[vb, 0:G, 0:H, 0:W], gate[vb, c0:c0 + LANES, 0:H, 0:W],
+                            skip[vb, c0:c0 + LANES, 0:H, 0:W])  # fmt: skip
+                else:
+                    T.reads(x[vb, c0:c0 + LANES, 0:H, 0:W], lam[vb, c0:c0 + LANES, 0:H, 0:W], wl[vb, 0:G, 0:H, 0:W],
+                            wm[vb, 0:G, 0:H, 0:W], wr[vb, 0:G, 0:H, 0:W])  # fmt: skip
+                T.writes(out[vb, c0:c0 + LANES, 0:H, 0:W])
+                group = T.meta_var([(c0 + lane) // (C // G) for lane in range(LANES)])
+                channel = T.meta_var([c0 + lane for lane in range(LANES)])
+                xs = T.sblock_alloc_buffer((n, LANES), f32)
+                lams = T.sblock_alloc_buffer((n, LANES), f32)
+                wls = T.sblock_alloc_buffer((n, LANES), f32)
+                wms = T.sblock_alloc_buffer((n, LANES), f32)
+                wrs = T.sblock_alloc_buffer((n, LANES), f32)
+                hs = T.sblock_alloc_buffer((n, LANES), f32)
+                if fused:
+                    gates = T.sblock_alloc_buffer((n, LANES), f32)
+                    skips = T.sblock_alloc_buffer((n, LANES), f32)
+                state = T.sblock_alloc_buffer((length + 2, LANES), f32)
+                current = T.sblock_alloc_buffer((length, LANES), f32)
+                for eb in range(n // V):
+                    with T.sblock("lanes_stage_in_8x8"):
+                        veb = T.axis.spatial(n // V, eb)
+                        stage(xs, x, vb, channel, veb * V)
+                        stage(lams, lam, vb, channel, veb * V)
+                        stage(wls, wl, vb, group, veb * V)
+                        stage(wms, wm, vb, group, veb * V)
+                        stage(wrs, wr, vb, group, veb * V)
+                        if fused:
+                            stage(gates, gate, vb, channel, veb * V)
+                            stage(skips, skip, vb, channel, veb * V)
+                for e, lane in T.grid(n - full, LANES):
+                    with T.sblock("lanes_stage_in_tail"):
+                        ve, vl = T.axis.remap("SS", [e, lane])
+                        i, j = T.meta_var(((full + ve) // W, (full + ve) % W))
+                        xs[full + ve, vl] = T.Cast(f32, x[vb, c0 + vl, i, j])
+                        lams[full + ve, vl] = T.Cast(f32, lam[vb, c0 + vl, i, j])
+                        wls[full + ve, vl] = T.Cast(f32, wl[vb, (c0 + vl) // (C // G), i, j])
+                        wms[full + ve, vl] = T.Cast(f32, wm[vb, (c0 + vl) // (C // G), i, j])
+                        wrs[full + ve, vl] = T.Cast(f32, wr[vb, (c0 + vl) // (C // G), i, j])
+                        if fused:
+                            gates[full + ve, vl] = T.Cast(f32, gate[vb, c0 + vl, i, j])
+                            skips[full + ve, vl] = T.Cast(f32, skip[vb, c0 + vl, i, j])
+                for q, lane in T.grid(length + 2, LANES):
+                    with T.sblock("clear"):
+                        vq, vl = T.axis.remap("SS", [q, lane])
+                        state[vq, vl] = T.float32(0)
+                for s in range(n_lines):
+                    with T.sblock("line"):
+                        vs = T.axis.opaque(n_lines, s)
+                        line = T.meta_var(_line_of_step(direction, vs, n_lines))
+                        restart = T.meta_var(_starts_segment(vs, chk))
+                        for p, lane in T.grid(length, LANES):
+                            with T.sblock("step"):
+                                vp, vl = T.axis.remap("SS", [p, lane])
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                e = T.meta_var(i * W + j)
+                                gl, gm, gr = T.meta_var(_weights(fused, wls[e, vl], wms[e, vl], wrs[e, vl], None, length))
+                                propagated = T.meta_var(gl * state[vp, vl] + gm * state[vp + 1, vl] + gr * state[vp + 2, vl])
+                                current[vp, vl] = lams[e, vl] * xs[e, vl] + T.Select(restart, T.float32(0), propagated)
+                        for end, lane in T.grid(2, LANES):
+                            with T.sblock("ends"):
+                                vend, vl = T.axis.remap("SS", [end, lane])
+                                vp = T.meta_var(vend * (length - 1))  # p = 0 and p = P - 1
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                e = T.meta_var(i * W + j)
+                                gl, gm, gr = T.meta_var(_weights(fused, wls[e, vl], wms[e, vl], wrs[e, vl], vp, length))
+                                propagated = T.meta_var(
+                                    _term(vp > 0, gl, state[vp, vl]) + gm * state[vp + 1, vl]
+                                    + _term(vp + 1 < length, gr, state[vp + 2, vl])
+                                )  # fmt: skip
+                                current[vp, vl] = lams[e, vl] * xs[e, vl] + T.Select(restart, T.float32(0), propagated)
+                        for p, lane in T.grid(length, LANES):
+                            with T.sblock("carry"):
+                                vp, vl = T.axis.remap("SS", [p, lane])
+                                state[vp + 1, vl] = current[vp, vl]
+                        for p, lane in T.grid(length, LANES):
+                            with T.sblock("emit"):
+                                vp, vl = T.axis.remap("SS", [p, lane])
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                hs[i * W + j, vl] = current[vp, vl]
+                # the fused y goes to the staged lam (not read again; a block that wrote the buffer
+                # it reads would not vectorize)
+                result = T.meta_var(lams if fused else hs)
+                if fused:
+                    for e, lane in T.grid(n, LANES):
+                        with T.sblock("gate"):
+                            ve, vl = T.axis.remap("SS", [e, lane])
+                            lams[ve, vl] = _output(fused, hs[ve, vl], xs[ve, vl], gates[ve, vl], skips[ve, vl])
+                # one block around the copies out: a task with two blocks writing ``out`` directly
+                # is not a complete block to TVM's parallel() check
+                with T.sblock("lanes_stage_out"):
+                    for eb in range(n // V):
+                        with T.sblock("lanes_stage_out_8x8"):
+                            veb = T.axis.spatial(n // V, eb)
+                            unstage(out, result, vb, c0, veb * V)
+                    for e, lane in T.grid(n - full, LANES):
+                        with T.sblock("lanes_stage_out_tail"):
+                            ve, vl = T.axis.remap("SS", [e, lane])
+                            out[vb, c0 + vl, (full + ve) // W, (full + ve) % W] = T.Cast(dtype, result[full + ve, vl])
+
+    return planes
+
+
+def scan_forward_lanes(direction: str, dtype: str):
+    """Forward scan with ``LANES`` channels per task as vector lanes, for small planes (CPU, any
+    direction; the caller picks it for ``H * W <= LANE_PLANE_ELEMENTS`` and ``C % LANES == 0``;
+    the kernel itself asserts the latter). Arguments and result as :func:`scan_forward`.
+
+    Blocks: ``lanes`` per ``(b, LANES channels)``; inside it ``lanes_stage_in_8x8`` (8 flat
+    elements of the 8 planes per block, transposed into ``(H * W, LANES)`` float32 buffers; the
+    weights of each lane's group), ``lanes_stage_in_tail`` (the ``H * W mod 8`` last elements),
+    ``clear``, ``line`` per scan step (``step``, ``ends``, ``carry`` as in :func:`scan_forward`,
+    over positions x lanes, and ``emit`` into the staged output), and ``lanes_stage_out_*``.
+    """
+    assert direction in DIRECTIONS, direction
+    return _forward_func(dtype, False, _lane_planes(direction, dtype, False), lanes_name(forward_name(direction)))
+
+
+def fused_scan_forward_lanes(direction: str, dtype: str, packed_logits: bool = False):
+    """Fused forward with channels as vector lanes (see :func:`scan_forward_lanes`); arguments as
+    :func:`fused_scan_forward` (``packed_logits`` too); a ``gate`` block turns the staged ``h`` into
+    ``y`` before it is copied out."""
+    assert direction in DIRECTIONS, direction
+    return _fused_func(dtype, _lane_planes(direction, dtype, True), lanes_name(fused_forward_name(direction)), packed_logits)
 
 
 def scan_backward_column_tiles(direction: str, dtype: str, tile: int):

@@ -35,6 +35,7 @@ from gspn_ref.normalize import normalize_weights, normalize_weights_backward
 from gspn_ref.validation import validate_backward_args, validate_fused_args, validate_like, validate_scan_args
 
 from . import build, compute, threads
+from .schedules import cpu as cpu_schedule
 from .schedules import cuda as cuda_schedule
 
 logger = logging.getLogger(__name__)
@@ -96,9 +97,13 @@ def _compiled(name: str, x: torch.Tensor, kind: str = "scan"):
 
 
 def _forward_symbol(symbol: str, direction: str, x: torch.Tensor) -> str:
-    """``symbol``, or the CUDA variant that serves ``x``'s lines (:func:`cuda_schedule.forward_symbol`)."""
+    """``symbol``, or the variant that serves ``x``: on CUDA by line length
+    (:func:`cuda_schedule.forward_symbol`), on CPU the lane kernel for small planes
+    (:func:`cpu_schedule.lanes_serve`)."""
     if x.device.type == "cuda":
         return cuda_schedule.forward_symbol(symbol, direction, x.shape[2], x.shape[3])
+    if cpu_schedule.lanes_serve(direction, *x.shape[1:]):
+        return compute.lanes_name(symbol)
     return symbol
 
 

@@ -129,19 +129,22 @@ def _check_model_dtypes(model: torch.nn.Module, args: tuple) -> None:
 
 
 def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Target, fused: bool = False,
-                packed_logits: bool = False) -> tirx.PrimFunc:  # fmt: skip
+                packed_logits: bool = False, lanes: bool = False) -> tirx.PrimFunc:  # fmt: skip
     """The project's forward scan (``fused``: the fused scan) for ``direction``/``dtype``, scheduled
     for ``target``, ``chunk`` bound.
 
     Arguments of the returned PrimFunc: ``x, lam, h`` ``(B, C, H, W)``, ``gl, gm, gr`` ``(B, G, H, W)``
     in the order ``x, lam, gl, gm, gr, h``; fused: ``u, lam, al, am, ar, gate, skip, y`` (``al, am,
     ar`` ``(B, G, H, W)``, the others ``(B, C, H, W)``); fused with ``packed_logits`` (CPU only):
-    ``u, lam, logits, gate, skip, y`` (``logits`` ``(B, 3 * G, H, W)``). Sizes symbolic.
+    ``u, lam, logits, gate, skip, y`` (``logits`` ``(B, 3 * G, H, W)``). ``lanes`` (CPU only): the
+    small-plane kernel (:func:`gspn_tvm.schedules.cpu.lanes_serve`). Sizes symbolic.
     """
     from .schedules import cpu, cuda
 
     schedule = cuda if target.kind.name == "cuda" else cpu
-    if packed_logits:
+    if lanes:
+        func = cpu.schedule_fused_forward_lanes(direction, dtype, packed_logits) if fused else cpu.schedule_forward_lanes(direction, dtype)
+    elif packed_logits:
         func = cpu.schedule_fused_forward(direction, dtype, packed_logits=True)
     else:
         func = (schedule.schedule_fused_forward if fused else schedule.schedule_forward)(direction, dtype)
@@ -151,7 +154,7 @@ def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Targe
     return func.with_attrs(
         {
             "global_symbol": f"{(fused_forward_name if fused else forward_name)(direction)}_{dtype}_chunk{chunk}"
-                             + ("_packed_logits" if packed_logits else ""),
+                             + ("_lanes" if lanes else "") + ("_packed_logits" if packed_logits else ""),
             "tirx.is_scheduled": True,
             "op_pattern": OP_PATTERN_OPAQUE,
         }
@@ -186,11 +189,21 @@ class ScanEmitter:
         packed = self._packed_logits(bb, inputs[2:5]) if fused else None
         if packed is not None:
             inputs = [inputs[0], inputs[1], packed, inputs[5], inputs[6]]
-        key = (fused, direction, dtype, chunk, packed is not None)
+        lanes = self._lanes_serve(direction, x_type)
+        key = (fused, direction, dtype, chunk, packed is not None, lanes)
         if key not in self._kernels:
-            kernel = scan_kernel(direction, dtype, chunk, self.target, fused, packed is not None)
+            kernel = scan_kernel(direction, dtype, chunk, self.target, fused, packed is not None, lanes)
             self._kernels[key] = bb.add_func(kernel, kernel.attrs["global_symbol"])
         return bb.emit(relax.call_tir(self._kernels[key], list(inputs), x_type))
+
+    def _lanes_serve(self, direction: str, x_type) -> bool:
+        """Whether the CPU lane kernel serves a scan of ``x_type``: its channels and plane are
+        static and small enough (:func:`gspn_tvm.schedules.cpu.lanes_serve`); compiled for any
+        size, the plane kernels run."""
+        from .schedules import cpu
+
+        sizes = [int(v) if isinstance(v, tirx.IntImm) else None for v in x_type.shape.values[1:]]
+        return self.target.kind.name == "llvm" and None not in sizes and cpu.lanes_serve(direction, *sizes)
 
     def _packed_logits(self, bb: relax.BlockBuilder, logits: Sequence[relax.Expr]) -> relax.Expr | None:
         """``w`` where the logits ``al, am, ar`` are the three outputs, in order, of ``split(w, 3,

@@ -37,6 +37,46 @@ def test_kernels_called_directly_at_tile_edges(direction, shape, chunk, dtype):
     check_scan_case(kernels.scan_forward, ScanCase(*shape, direction, chunk), dtype, backward=kernels.scan_backward)
 
 
+#: Shapes the lane kernels serve (channels a multiple of 8, small planes; rows of 7 and 12 are not
+#: whole vectors): a plane that is not a multiple of 8 elements (tail), a single row or column,
+#: grouped weights whose groups span and split lane blocks, two batch items.
+LANE_SHAPES = [((2, 16, 4, 5, 7), 2), ((1, 8, 8, 1, 9), 0), ((1, 24, 3, 9, 1), 3), ((2, 8, 1, 12, 12), 5)]
+
+
+@pytest.mark.parametrize("direction", gspn_ref.DIRECTIONS)
+@pytest.mark.parametrize("shape, chunk", LANE_SHAPES)
+@pytest.mark.parametrize("dtype", TVM_DTYPES)
+def test_lane_kernels_on_small_planes(direction, shape, chunk, dtype, monkeypatch):
+    """Small planes of many channels run the lane kernels (channels as vector lanes): the scan and
+    the fused scan, every direction and dtype, against the float64 reference."""
+    from gspn_ref.testing import check_fused_case
+    from gspn_tvm import compute
+    from gspn_tvm.schedules import cpu
+
+    called = []
+    pick = kernels._forward_symbol
+    monkeypatch.setattr(kernels, "_forward_symbol", lambda *a: called.append(pick(*a)) or called[-1])
+    case = ScanCase(*shape, direction, chunk)
+    assert cpu.lanes_serve(direction, *shape[1:2], *shape[3:])
+    check_scan_case(kernels.scan_forward, case, dtype, backward=False)
+    check_fused_case(kernels.fused_scan_forward, case, dtype, backward=False)
+    assert called == [compute.lanes_name(compute.forward_name(direction)),
+                      compute.lanes_name(compute.fused_forward_name(direction))], called  # fmt: skip
+
+
+@pytest.mark.parametrize(("direction", "C", "H", "W", "served"), [
+    ("l2r", 2304, 14, 14, True), ("t2b", 4608, 7, 7, True), ("l2r", 1152, 28, 28, True), ("t2b", 1152, 28, 28, False),
+    ("t2b", 256, 16, 16, False), ("r2l", 12, 7, 7, False), ("b2t", 576, 56, 56, False), ("r2l", 64, 40, 40, True),
+    ("l2r", 64, 41, 40, False),
+])  # fmt: skip
+def test_lane_kernel_choice(direction, C, H, W, served):
+    """Lane kernels for channel counts divisible by 8 and planes of at most 1600 elements: every column
+    scan, rows shorter than 24 that are not whole vectors (measured faster, see ``lanes_serve``)."""
+    from gspn_tvm.schedules import cpu
+
+    assert cpu.lanes_serve(direction, C, H, W) is served
+
+
 def test_operator_autograd_runs_tvm(tvm_enabled, monkeypatch):
     """gspn_scan and its autograd go through the TVM kernels and agree with the reference."""
     calls = []

@@ -141,10 +141,11 @@ def fused_cpu_llvm():
 
 
 def test_fused_cpu_normalization_is_vectorized(fused_cpu_llvm):
-    """Each of the four parallel task bodies normalizes the weights in vector registers: the
-    sigmoid's range reduction (``floor``) and the divisions on vectors, no libm ``exp`` call."""
+    """Each of the eight parallel task bodies (a plane kernel and a lane kernel per direction)
+    normalizes the weights in vector registers: the sigmoid's range reduction (``floor``) and the
+    divisions on vectors, no libm ``exp`` call."""
     tasks = [chunk for chunk in fused_cpu_llvm if re.match(r"define [^@]*@__tvm_parallel_lambda", chunk)]
-    assert len(tasks) == len(DIRECTIONS), len(tasks)
+    assert len(tasks) == 2 * len(DIRECTIONS), len(tasks)
     for body in tasks:
         assert re.search(r"llvm\.floor\.v\d+f32", body), "sigmoid not vectorized"
         assert re.search(r"fdiv (?:\w+ )*<\d+ x float>", body), "normalization not vectorized"

@@ -59,9 +59,9 @@ def test_compile_model_lowers_the_fused_op_and_matches_eager(monkeypatch, model_
     lowered = []
     kernel = relax_frontend.scan_kernel
 
-    def spy(direction, dtype, chunk, target, fused=False, packed_logits=False):
+    def spy(direction, dtype, chunk, target, fused=False, packed_logits=False, lanes=False):
         lowered.append((direction, chunk, fused, packed_logits))
-        return kernel(direction, dtype, chunk, target, fused, packed_logits)
+        return kernel(direction, dtype, chunk, target, fused, packed_logits, lanes)
 
     monkeypatch.setattr(relax_frontend, "scan_kernel", spy)
     model = model_class().eval()
@@ -106,3 +106,41 @@ def test_compile_onnx_of_one_fused_node_matches_reference(direction, chunk):
 def test_compile_onnx_refuses_a_fused_node_without_direction():
     with pytest.raises(ValueError, match=f"{FUSED_OP_TYPE}: the attribute 'direction' is required"):
         compile_onnx(_one_node_model("t2b", 0, attributes=False))
+
+
+class LaneMixer(torch.nn.Module):
+    """A fused scan of 8 channels with logits split from one projection (the lane kernel's shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.logits = torch.nn.Conv2d(8, 3 * 8, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+    def forward(self, x):
+        al, am, ar = self.logits(x).chunk(3, dim=1)
+        return gspn_fused_scan(x, torch.sigmoid(x), al, am, ar, x * 0.25, x * 0.5, "l2r", 2)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_static_small_planes_compile_to_the_lane_kernel(monkeypatch, dynamic):
+    """Compiled for a fixed size whose planes the lane kernel serves (8 channels, 6 x 7), the fused
+    scan lowers to it (reading the split logits in place); compiled for any size, to the plane
+    kernel. Both match eager."""
+    lowered = []
+    kernel = relax_frontend.scan_kernel
+
+    def spy(direction, dtype, chunk, target, fused=False, packed_logits=False, lanes=False):
+        lowered.append((packed_logits, lanes))
+        return kernel(direction, dtype, chunk, target, fused, packed_logits, lanes)
+
+    monkeypatch.setattr(relax_frontend, "scan_kernel", spy)
+    model = LaneMixer().eval()
+    x = torch.randn(2, 8, 6, 7, generator=torch.Generator().manual_seed(1))
+    compiled = compile_model(model, (x,), dynamic=dynamic)
+    assert lowered == [(True, not dynamic)]
+    with torch.no_grad():
+        expected = model(x)
+    assert_close_scaled(compiled(x), expected, torch.float32, 6 + 7 + 8, "y")

@@ -114,6 +114,31 @@ def test_small_planes_prefetch_every_input_of_the_next_channel(direction, fused)
     assert prefetch.count("T.min(vc + T.int64(1), C - T.int64(1))") >= inputs, prefetch
 
 
+@pytest.mark.parametrize("direction", ["t2b", "l2r"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_lane_kernels_run_whole_vectors_of_channels(direction, fused):
+    """The small-plane kernels: one parallel task per (b, 8 channels); staged buffers of ``(H * W,
+    LANES)`` float32 (never W- or C-sized beyond the plane); every loop over the lanes of the line
+    blocks vectorized by TVM (no scalar tail); planes moved in 8x8 blocks of vector loads, shuffles
+    and vector stores."""
+    schedule = cpu.schedule_fused_forward_lanes if fused else cpu.schedule_forward_lanes
+    func = schedule(direction, "float32")
+    blocks = _Blocks(func)
+    sch = s_tir.Schedule(func)
+    assert [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock("lanes"))] == [tirx.ForKind.PARALLEL]
+    staged = blocks["lanes"].alloc_buffers
+    assert len(staged) == (8 if fused else 6) + 2, [b.name for b in staged]
+    for buffer in staged:
+        assert int(buffer.shape[-1]) == compute.LANES and "C" not in str(list(buffer.shape)), buffer
+    for name in ("step", "ends", "carry", "emit", "clear") + (("gate",) if fused else ()):
+        kinds = [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock(name))]
+        assert kinds[-1] == tirx.ForKind.VECTORIZED, f"{name}: {kinds}"
+    script = blocks["lanes_stage_in_8x8"].script()
+    tensors = 7 if fused else 5
+    assert script.count("] = T.Shuffle(") == compute.V * tensors, script
+    assert "for " not in script, script
+
+
 WORKSPACE = """
 import ctypes, gc, json, sys, torch
 from gspn_tvm import kernels, soak
