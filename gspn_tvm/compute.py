@@ -49,6 +49,11 @@ def lanes_name(symbol: str) -> str:
     return f"{symbol}_lanes"
 
 
+def projected_name(symbol: str) -> str:
+    """Symbol of the variant of the fused forward ``symbol`` that projects its inputs from a proxy."""
+    return f"{symbol}_projected"
+
+
 def packed_logits_name(symbol: str) -> str:
     """Symbol of the packed-logits variant of the fused forward ``symbol``."""
     return f"{symbol}_packed_logits"
@@ -831,16 +836,89 @@ def _lane_copies(dtype):
     return stage, unstage
 
 
+def _lane_scan(direction: str, dtype: str, fused: bool):
+    """Macro of what a lane task does once its inputs are staged: the lines (``clear``, then per scan
+    step ``step``, ``ends``, ``carry``, ``emit``), the fused output (``gate``) and the copy out."""
+    f32 = ACCUMULATION_DTYPE
+    _, unstage = _lane_copies(dtype)
+
+    @T.macro
+    def scan(xs, lams, wls, wms, wrs, gates, skips, hs, state, current, out, vb, c0, H, W, chk):
+        n_lines, length = T.meta_var(_line_geometry(direction, H, W))
+        n = T.meta_var(H * W)
+        full = T.meta_var(n // V * V)
+        for q, lane in T.grid(length + 2, LANES):
+            with T.sblock("clear"):
+                vq, vl = T.axis.remap("SS", [q, lane])
+                state[vq, vl] = T.float32(0)
+        for s in range(n_lines):
+            with T.sblock("line"):
+                vs = T.axis.opaque(n_lines, s)
+                line = T.meta_var(_line_of_step(direction, vs, n_lines))
+                restart = T.meta_var(_starts_segment(vs, chk))
+                for p, lane in T.grid(length, LANES):
+                    with T.sblock("step"):
+                        vp, vl = T.axis.remap("SS", [p, lane])
+                        i, j = T.meta_var(_element(direction, line, vp))
+                        e = T.meta_var(i * W + j)
+                        gl, gm, gr = T.meta_var(_weights(fused, wls[e, vl], wms[e, vl], wrs[e, vl], None, length))
+                        propagated = T.meta_var(gl * state[vp, vl] + gm * state[vp + 1, vl] + gr * state[vp + 2, vl])
+                        current[vp, vl] = lams[e, vl] * xs[e, vl] + T.Select(restart, T.float32(0), propagated)
+                for end, lane in T.grid(2, LANES):
+                    with T.sblock("ends"):
+                        vend, vl = T.axis.remap("SS", [end, lane])
+                        vp = T.meta_var(vend * (length - 1))  # p = 0 and p = P - 1
+                        i, j = T.meta_var(_element(direction, line, vp))
+                        e = T.meta_var(i * W + j)
+                        gl, gm, gr = T.meta_var(_weights(fused, wls[e, vl], wms[e, vl], wrs[e, vl], vp, length))
+                        propagated = T.meta_var(
+                            _term(vp > 0, gl, state[vp, vl]) + gm * state[vp + 1, vl]
+                            + _term(vp + 1 < length, gr, state[vp + 2, vl])
+                        )  # fmt: skip
+                        current[vp, vl] = lams[e, vl] * xs[e, vl] + T.Select(restart, T.float32(0), propagated)
+                for p, lane in T.grid(length, LANES):
+                    with T.sblock("carry"):
+                        vp, vl = T.axis.remap("SS", [p, lane])
+                        state[vp + 1, vl] = current[vp, vl]
+                for p, lane in T.grid(length, LANES):
+                    with T.sblock("emit"):
+                        vp, vl = T.axis.remap("SS", [p, lane])
+                        i, j = T.meta_var(_element(direction, line, vp))
+                        hs[i * W + j, vl] = current[vp, vl]
+        # the fused y goes to the staged lam (not read again; a block that wrote the buffer it reads
+        # would not vectorize)
+        result = T.meta_var(lams if fused else hs)
+        if fused:
+            for e, lane in T.grid(n, LANES):
+                with T.sblock("gate"):
+                    ve, vl = T.axis.remap("SS", [e, lane])
+                    lams[ve, vl] = _output(fused, hs[ve, vl], xs[ve, vl], gates[ve, vl], skips[ve, vl])
+        # one block around the copies out: a task with two blocks writing ``out`` directly is not a
+        # complete block to TVM's parallel() check
+        with T.sblock("lanes_stage_out"):
+            for eb in range(n // V):
+                with T.sblock("lanes_stage_out_8x8"):
+                    veb = T.axis.spatial(n // V, eb)
+                    unstage(out, result, vb, c0, veb * V)
+            for e, lane in T.grid(n - full, LANES):
+                with T.sblock("lanes_stage_out_tail"):
+                    ve, vl = T.axis.remap("SS", [e, lane])
+                    out[vb, c0 + vl, (full + ve) // W, (full + ve) % W] = T.Cast(dtype, result[full + ve, vl])
+
+    return scan
+
+
 def _lane_planes(direction: str, dtype: str, fused: bool):
     """Macro of the forward body with ``LANES`` channels per task as vector lanes (see
     :func:`scan_forward_lanes`)."""
     f32 = ACCUMULATION_DTYPE
-    stage, unstage = _lane_copies(dtype)
+    stage, _ = _lane_copies(dtype)
+    scan = _lane_scan(direction, dtype, fused)
 
     @T.macro
     def planes(x, lam, wl, wm, wr, gate, skip, out, B, C, G, H, W, chk):
         assert C % LANES == 0, "x: expected a channel count divisible by 8 (the lane kernel)"
-        n_lines, length = T.meta_var(_line_geometry(direction, H, W))
+        _, length = T.meta_var(_line_geometry(direction, H, W))
         n = T.meta_var(H * W)
         full = T.meta_var(n // V * V)
         for b, cb in T.grid(B, C // LANES):
@@ -891,65 +969,129 @@ def _lane_planes(direction: str, dtype: str, fused: bool):
                         if fused:
                             gates[full + ve, vl] = T.Cast(f32, gate[vb, c0 + vl, i, j])
                             skips[full + ve, vl] = T.Cast(f32, skip[vb, c0 + vl, i, j])
-                for q, lane in T.grid(length + 2, LANES):
-                    with T.sblock("clear"):
-                        vq, vl = T.axis.remap("SS", [q, lane])
-                        state[vq, vl] = T.float32(0)
-                for s in range(n_lines):
-                    with T.sblock("line"):
-                        vs = T.axis.opaque(n_lines, s)
-                        line = T.meta_var(_line_of_step(direction, vs, n_lines))
-                        restart = T.meta_var(_starts_segment(vs, chk))
-                        for p, lane in T.grid(length, LANES):
-                            with T.sblock("step"):
-                                vp, vl = T.axis.remap("SS", [p, lane])
-                                i, j = T.meta_var(_element(direction, line, vp))
-                                e = T.meta_var(i * W + j)
-                                gl, gm, gr = T.meta_var(_weights(fused, wls[e, vl], wms[e, vl], wrs[e, vl], None, length))
-                                propagated = T.meta_var(gl * state[vp, vl] + gm * state[vp + 1, vl] + gr * state[vp + 2, vl])
-                                current[vp, vl] = lams[e, vl] * xs[e, vl] + T.Select(restart, T.float32(0), propagated)
-                        for end, lane in T.grid(2, LANES):
-                            with T.sblock("ends"):
-                                vend, vl = T.axis.remap("SS", [end, lane])
-                                vp = T.meta_var(vend * (length - 1))  # p = 0 and p = P - 1
-                                i, j = T.meta_var(_element(direction, line, vp))
-                                e = T.meta_var(i * W + j)
-                                gl, gm, gr = T.meta_var(_weights(fused, wls[e, vl], wms[e, vl], wrs[e, vl], vp, length))
-                                propagated = T.meta_var(
-                                    _term(vp > 0, gl, state[vp, vl]) + gm * state[vp + 1, vl]
-                                    + _term(vp + 1 < length, gr, state[vp + 2, vl])
-                                )  # fmt: skip
-                                current[vp, vl] = lams[e, vl] * xs[e, vl] + T.Select(restart, T.float32(0), propagated)
-                        for p, lane in T.grid(length, LANES):
-                            with T.sblock("carry"):
-                                vp, vl = T.axis.remap("SS", [p, lane])
-                                state[vp + 1, vl] = current[vp, vl]
-                        for p, lane in T.grid(length, LANES):
-                            with T.sblock("emit"):
-                                vp, vl = T.axis.remap("SS", [p, lane])
-                                i, j = T.meta_var(_element(direction, line, vp))
-                                hs[i * W + j, vl] = current[vp, vl]
-                # the fused y goes to the staged lam (not read again; a block that wrote the buffer
-                # it reads would not vectorize)
-                result = T.meta_var(lams if fused else hs)
                 if fused:
-                    for e, lane in T.grid(n, LANES):
-                        with T.sblock("gate"):
-                            ve, vl = T.axis.remap("SS", [e, lane])
-                            lams[ve, vl] = _output(fused, hs[ve, vl], xs[ve, vl], gates[ve, vl], skips[ve, vl])
-                # one block around the copies out: a task with two blocks writing ``out`` directly
-                # is not a complete block to TVM's parallel() check
-                with T.sblock("lanes_stage_out"):
-                    for eb in range(n // V):
-                        with T.sblock("lanes_stage_out_8x8"):
-                            veb = T.axis.spatial(n // V, eb)
-                            unstage(out, result, vb, c0, veb * V)
-                    for e, lane in T.grid(n - full, LANES):
-                        with T.sblock("lanes_stage_out_tail"):
-                            ve, vl = T.axis.remap("SS", [e, lane])
-                            out[vb, c0 + vl, (full + ve) // W, (full + ve) % W] = T.Cast(dtype, result[full + ve, vl])
+                    scan(xs, lams, wls, wms, wrs, gates, skips, hs, state, current, out, vb, c0, H, W, chk)
+                else:
+                    scan(xs, lams, wls, wms, wrs, None, None, hs, state, current, out, vb, c0, H, W, chk)
 
     return planes
+
+
+def _projection(weights, which: int, values, lane):
+    """``sum_k weights[which, k, lane] * values[k]``, written out (``len(values)`` terms)."""
+    total = weights[which, 0, lane] * values[0]
+    for k in range(1, len(values)):
+        total = total + weights[which, k, lane] * values[k]
+    return total
+
+
+def _projected_lane_planes(direction: str, dtype: str, S: int):
+    """Macro of the fused lane forward whose ``lam``, logits, ``gate`` and ``skip`` are 1x1
+    projections of one small ``proxy`` (see :func:`fused_scan_forward_lanes_projected`)."""
+    f32 = ACCUMULATION_DTYPE
+    stage, _ = _lane_copies(dtype)
+    scan = _lane_scan(direction, dtype, True)
+
+    @T.macro
+    def planes(u, proxy, w_lam, w_logits, w_gate, w_skip, out, B, C, G, H, W, chk):
+        assert C % LANES == 0, "u: expected a channel count divisible by 8 (the lane kernel)"
+        _, length = T.meta_var(_line_geometry(direction, H, W))
+        n = T.meta_var(H * W)
+        full = T.meta_var(n // V * V)
+        for b, cb in T.grid(B, C // LANES):
+            with T.sblock("lanes"):
+                vb, vcb = T.axis.remap("SS", [b, cb])
+                c0 = T.meta_var(vcb * LANES)
+                T.reads(u[vb, c0:c0 + LANES, 0:H, 0:W], proxy[vb, 0:S, 0:H, 0:W], w_lam[c0:c0 + LANES, 0:S, 0, 0],
+                        w_logits[0:3 * G, 0:S, 0, 0], w_gate[c0:c0 + LANES, 0:S, 0, 0], w_skip[c0:c0 + LANES, 0:S, 0, 0])  # fmt: skip
+                T.writes(out[vb, c0:c0 + LANES, 0:H, 0:W])
+                channel = T.meta_var([c0 + lane for lane in range(LANES)])
+                xs = T.sblock_alloc_buffer((n, LANES), f32)
+                lams = T.sblock_alloc_buffer((n, LANES), f32)
+                wls = T.sblock_alloc_buffer((n, LANES), f32)
+                wms = T.sblock_alloc_buffer((n, LANES), f32)
+                wrs = T.sblock_alloc_buffer((n, LANES), f32)
+                gates = T.sblock_alloc_buffer((n, LANES), f32)
+                skips = T.sblock_alloc_buffer((n, LANES), f32)
+                hs = T.sblock_alloc_buffer((n, LANES), f32)
+                state = T.sblock_alloc_buffer((length + 2, LANES), f32)
+                current = T.sblock_alloc_buffer((length, LANES), f32)
+                # the task's rows of the six projections, transposed: [projection, s, lane]
+                weights = T.sblock_alloc_buffer((6, S, LANES), f32)
+                for eb in range(n // V):
+                    with T.sblock("lanes_stage_in_8x8"):
+                        veb = T.axis.spatial(n // V, eb)
+                        stage(xs, u, vb, channel, veb * V)
+                for e, lane in T.grid(n - full, LANES):
+                    with T.sblock("lanes_stage_in_tail"):
+                        ve, vl = T.axis.remap("SS", [e, lane])
+                        xs[full + ve, vl] = T.Cast(f32, u[vb, c0 + vl, (full + ve) // W, (full + ve) % W])
+                for k, lane in T.grid(S, LANES):
+                    with T.sblock("lanes_weights"):
+                        vk, vl = T.axis.remap("SS", [k, lane])
+                        vg = T.meta_var((c0 + vl) // (C // G))
+                        weights[0, vk, vl] = T.Cast(f32, w_lam[c0 + vl, vk, 0, 0])
+                        weights[1, vk, vl] = T.Cast(f32, w_logits[vg, vk, 0, 0])
+                        weights[2, vk, vl] = T.Cast(f32, w_logits[G + vg, vk, 0, 0])
+                        weights[3, vk, vl] = T.Cast(f32, w_logits[2 * G + vg, vk, 0, 0])
+                        weights[4, vk, vl] = T.Cast(f32, w_gate[c0 + vl, vk, 0, 0])
+                        weights[5, vk, vl] = T.Cast(f32, w_skip[c0 + vl, vk, 0, 0])
+                for e, lane in T.grid(n, LANES):
+                    with T.sblock("project"):
+                        ve, vl = T.axis.remap("SS", [e, lane])
+                        # element ve of the dense proxy planes (flat, as the staging loads read them),
+                        # one broadcast value per proxy channel; the sums written out (S is a constant)
+                        values = T.meta_var([T.Cast(f32, proxy[vb, k, 0, ve]) for k in range(S)])
+                        lams[ve, vl] = _projection(weights, 0, values, vl)
+                        wls[ve, vl] = _projection(weights, 1, values, vl)
+                        wms[ve, vl] = _projection(weights, 2, values, vl)
+                        wrs[ve, vl] = _projection(weights, 3, values, vl)
+                        gates[ve, vl] = _projection(weights, 4, values, vl)
+                        skips[ve, vl] = _projection(weights, 5, values, vl)
+                scan(xs, lams, wls, wms, wrs, gates, skips, hs, state, current, out, vb, c0, H, W, chk)
+
+    return planes
+
+
+def fused_scan_forward_lanes_projected(direction: str, dtype: str, proxy_channels: int):
+    """The fused lane forward of a mixer whose scan inputs are 1x1 projections of one proxy: ``lam =
+    w_lam * proxy``, logits ``w_logits * proxy`` (thirds ``al, am, ar``), ``gate = w_gate * proxy``,
+    ``skip = w_skip * proxy`` (1x1 convolutions without bias, summed in float32), computed in the
+    kernel per task, never written to memory; then :func:`fused_scan_forward_lanes`.
+
+    Arguments: ``u, y`` ``(B, C, H, W)``; ``proxy`` ``(B, S, H, W)``; ``w_lam, w_gate, w_skip``
+    ``(C, S, 1, 1)``; ``w_logits`` ``(3 G, S, 1, 1)``; ``chunk``. ``S = proxy_channels`` is fixed
+    in the kernel (the sums are written out). For TVM Relax, which lowers a
+    fused scan fed by such convolutions to it (GSPN-T's mixers: S = 8): the projections are 28% of the
+    network's time in Relax otherwise, writing four tensors of ``u``'s size and one of three times it
+    that the scan reads back. Blocks: ``lanes`` per task; ``lanes_stage_in_*`` (``u`` only),
+    ``lanes_weights`` (the task's weight rows, transposed), ``project`` (the six projections at
+    every element: per proxy channel one broadcast value times a vector of lanes),
+    then the blocks of :func:`scan_forward_lanes`.
+    """
+    assert direction in DIRECTIONS, direction
+    S = int(proxy_channels)
+    planes = _projected_lane_planes(direction, dtype, S)
+
+    @T.prim_func(s_tir=True)
+    def forward(u_handle: T.handle, proxy_handle: T.handle, w_lam_handle: T.handle, w_logits_handle: T.handle,
+                w_gate_handle: T.handle, w_skip_handle: T.handle, y_handle: T.handle, chunk: T.int64):  # fmt: skip
+        T.func_attr({"tir.noalias": True})
+        B, C, G3, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        u = T.match_buffer(u_handle, (B, C, H, W), dtype)
+        proxy = T.match_buffer(proxy_handle, (B, S, H, W), dtype)
+        w_lam = T.match_buffer(w_lam_handle, (C, S, 1, 1), dtype)
+        w_logits = T.match_buffer(w_logits_handle, (G3, S, 1, 1), dtype)
+        w_gate = T.match_buffer(w_gate_handle, (C, S, 1, 1), dtype)
+        w_skip = T.match_buffer(w_skip_handle, (C, S, 1, 1), dtype)
+        y = T.match_buffer(y_handle, (B, C, H, W), dtype)
+        G = T.meta_var(G3 // 3)
+        chk = T.meta_var(T.Cast("int64", chunk))
+        assert G3 % 3 == 0 and G >= 1 and G <= C and C % G == 0, "w_logits: expected 3 * G rows, G dividing C"
+        assert chk >= 0, "chunk: expected an int >= 0"
+        planes(u, proxy, w_lam, w_logits, w_gate, w_skip, y, B, C, G, H, W, chk)
+
+    return forward.with_attr("global_symbol", projected_name(lanes_name(fused_forward_name(direction))))
 
 
 def scan_forward_lanes(direction: str, dtype: str):

@@ -161,6 +161,44 @@ def scan_kernel(direction: str, dtype: str, chunk: int, target: tvm.target.Targe
     )
 
 
+#: Largest proxy (channels) whose projections the fused lane kernel computes itself: the sums are
+#: written out in the kernel, 6 per element and proxy channel (GSPN-T: 8).
+MAX_PROXY_CHANNELS = 32
+
+
+def projected_scan_kernel(direction: str, dtype: str, chunk: int, proxy_channels: int) -> tirx.PrimFunc:
+    """The CPU fused lane kernel that projects ``lam``, the logits, ``gate`` and ``skip`` from a
+    proxy of ``proxy_channels`` channels (:func:`gspn_tvm.compute.fused_scan_forward_lanes_projected`),
+    scheduled, ``chunk`` bound. Arguments: ``u, proxy, w_lam, w_logits, w_gate, w_skip, y``."""
+    from .schedules import cpu
+
+    func = cpu.schedule_fused_forward_lanes_projected(direction, dtype, proxy_channels)
+    func = func.specialize({func.params[-1]: tirx.IntImm(str(func.params[-1].ty), chunk)})
+    return func.with_attrs({
+        "global_symbol": f"{fused_forward_name(direction)}_{dtype}_chunk{chunk}_lanes_projected{proxy_channels}",
+        "tirx.is_scheduled": True,
+        "op_pattern": OP_PATTERN_OPAQUE,
+    })  # fmt: skip
+
+
+def _conv1x1_of(bb: relax.BlockBuilder, value: relax.Expr):
+    """``(data, weight)`` where ``value`` is bound to a plain 1x1 convolution of ``data`` (NCHW, OIHW,
+    stride 1, no padding, dilation 1, one group, no bias), else None."""
+    call = bb.lookup_binding(value) if isinstance(value, relax.Var) else None
+    if not isinstance(call, relax.Call) or not call.op.same_as(tvm.ir.Op.get("relax.nn.conv2d")):
+        return None
+    attrs, (data, weight) = call.attrs, call.args
+    plain = (
+        attrs.data_layout == "NCHW" and attrs.kernel_layout == "OIHW" and attrs.out_layout == "NCHW"
+        and int(attrs.groups) == 1 and all(int(v) == 1 for v in (*attrs.strides, *attrs.dilation))
+        and all(int(v) == 0 for v in attrs.padding) and str(attrs.out_dtype) in ("", "void", str(data.ty.dtype))
+    )  # fmt: skip
+    shape = weight.ty.shape
+    if not plain or shape is None or [int(v) if isinstance(v, tirx.IntImm) else None for v in shape.values[2:]] != [1, 1]:
+        return None
+    return data, weight
+
+
 class ScanEmitter:
     """Emits ``call_tir`` of the scan or the fused scan into a Relax BlockBuilder, one PrimFunc per
     (operator, direction, dtype, chunk)."""
@@ -188,13 +226,38 @@ class ScanEmitter:
                 raise ValueError(f"{op}: {name} has dtype {value.ty.dtype}; expected {dtype} (the dtype of {names[0]})")
         packed = self._packed_logits(bb, inputs[2:5]) if fused else None
         if packed is not None:
-            inputs = [inputs[0], inputs[1], packed, inputs[5], inputs[6]]
+            inputs = [inputs[0], inputs[1], packed, inputs[5], inputs[6]]  # u, lam, logits, gate, skip
         lanes = self._lanes_serve(direction, x_type)
+        projected = self._projections(bb, inputs) if lanes and packed is not None else None
+        if projected is not None:
+            proxy, weights = projected
+            inputs = [inputs[0], proxy, *weights]
+            proxy_channels = int(proxy.ty.shape.values[1])
+            key = ("projected", direction, dtype, chunk, proxy_channels)
+            if key not in self._kernels:
+                kernel = projected_scan_kernel(direction, dtype, chunk, proxy_channels)
+                self._kernels[key] = bb.add_func(kernel, kernel.attrs["global_symbol"])
+            return bb.emit(relax.call_tir(self._kernels[key], list(inputs), x_type))
         key = (fused, direction, dtype, chunk, packed is not None, lanes)
         if key not in self._kernels:
             kernel = scan_kernel(direction, dtype, chunk, self.target, fused, packed is not None, lanes)
             self._kernels[key] = bb.add_func(kernel, kernel.attrs["global_symbol"])
         return bb.emit(relax.call_tir(self._kernels[key], list(inputs), x_type))
+
+    def _projections(self, bb: relax.BlockBuilder, inputs: Sequence[relax.Expr]):
+        """``(proxy, (w_lam, w_logits, w_gate, w_skip))`` where the packed fused scan's ``lam``,
+        logits, ``gate`` and ``skip`` (``inputs[1:5]``, the logits packed) are 1x1 convolutions without bias of one
+        ``proxy`` of at most :data:`MAX_PROXY_CHANNELS` channels (GSPN-T's mixers), else None."""
+        convolutions = [_conv1x1_of(bb, value) for value in inputs[1:5]]
+        if any(c is None for c in convolutions):
+            return None
+        proxy = convolutions[0][0]
+        if not all(c[0].same_as(proxy) for c in convolutions) or proxy.ty.shape is None:
+            return None
+        channels = proxy.ty.shape.values[1]
+        if not isinstance(channels, tirx.IntImm) or int(channels) > MAX_PROXY_CHANNELS:
+            return None
+        return proxy, tuple(c[1] for c in convolutions)
 
     def _lanes_serve(self, direction: str, x_type) -> bool:
         """Whether the CPU lane kernel serves a scan of ``x_type``: its channels and plane are

@@ -35,6 +35,7 @@ from ..compute import (
     fused_scan_forward,
     fused_scan_forward_column_tiles,
     fused_scan_forward_lanes,
+    fused_scan_forward_lanes_projected,
     scan_backward,
     scan_backward_column_tiles,
     scan_forward,
@@ -130,6 +131,15 @@ def schedule_forward_lanes(direction: str, dtype: str):
 def schedule_fused_forward_lanes(direction: str, dtype: str, packed_logits: bool = False):
     """Scheduled fused lane forward (see :func:`schedule_forward_lanes`)."""
     return _lane_forward(fused_scan_forward_lanes(direction, dtype, packed_logits))
+
+
+def schedule_fused_forward_lanes_projected(direction: str, dtype: str, proxy_channels: int):
+    """Scheduled fused lane forward that projects its inputs from a proxy of ``proxy_channels``
+    channels (:func:`gspn_tvm.compute.fused_scan_forward_lanes_projected`): the projections' lanes
+    as vectors too."""
+    sch = s_tir.Schedule(fused_scan_forward_lanes_projected(direction, dtype, proxy_channels))
+    sch.vectorize(sch.get_loops(sch.get_sblock("project"))[-1])
+    return _lane_forward(sch.mod["main"])
 
 
 def schedule_forward(direction: str, dtype: str):

@@ -232,3 +232,38 @@ def test_packed_logits_kernel_equals_the_three_tensor_kernel(packed_logits_kerne
     assert torch.equal(y, expected)
     reference = gspn_fused_scan_ref(*(t.double() for t in (u, lam, al, am, ar, gate, skip)), direction, chunk)
     torch.testing.assert_close(y.double(), reference, rtol=1e-4, atol=1e-4 * (H + W))
+
+
+@pytest.fixture(scope="module")
+def projected_kernels():
+    """The CPU fused lane kernels that project ``lam``, logits, ``gate`` and ``skip`` from a proxy of
+    3 channels (the Relax lowering's kernel for GSPN-T's mixers), float32, every direction."""
+    import tvm
+
+    functions = {d: cpu.schedule_fused_forward_lanes_projected(d, "float32", 3).with_attr("global_symbol", d)
+                 for d in DIRECTIONS}  # fmt: skip
+    with tvm.transform.PassContext(opt_level=3):
+        library = tvm.compile(tvm.IRModule(functions), target=tvm.target.Target(build.cpu_target()))
+    return {d: library[d] for d in DIRECTIONS}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize(("B", "C", "G", "H", "W", "chunk"), [(2, 16, 4, 5, 7, 2), (1, 8, 8, 1, 9, 0), (1, 24, 3, 9, 1, 3)])
+def test_projected_lane_kernel_matches_reference(projected_kernels, direction, B, C, G, H, W, chunk):
+    """The kernel's own 1x1 projections of the proxy, then the fused scan, against the float64
+    reference given torch's convolutions of the same proxy and weights (groups, tails, 1-wide maps)."""
+    import tvm
+
+    gen = torch.Generator().manual_seed(C + H)
+    u, proxy = torch.randn(B, C, H, W, generator=gen), torch.randn(B, 3, H, W, generator=gen)
+    w_lam, w_gate, w_skip = (torch.randn(C, 3, 1, 1, generator=gen) for _ in range(3))
+    w_logits = torch.randn(3 * G, 3, 1, 1, generator=gen) * 2
+    y = torch.empty_like(u)
+    args = (u, proxy, w_lam, w_logits, w_gate, w_skip, y)
+    projected_kernels[direction](*[tvm.runtime.from_dlpack(t) for t in args], chunk)
+    conv = torch.nn.functional.conv2d
+    p, w = proxy.double(), [t.double() for t in (w_lam, w_logits, w_gate, w_skip)]
+    al, am, ar = conv(p, w[1]).chunk(3, dim=1)
+    expected = gspn_fused_scan_ref(u.double(), conv(p, w[0]), al, am, ar, conv(p, w[2]), conv(p, w[3]), direction, chunk)
+    print(f"{direction} max |projected - reference| = {(y.double() - expected).abs().max().item():.3g}")
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4 * (H + W))

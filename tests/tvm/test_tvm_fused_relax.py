@@ -144,3 +144,30 @@ def test_static_small_planes_compile_to_the_lane_kernel(monkeypatch, dynamic):
     with torch.no_grad():
         expected = model(x)
     assert_close_scaled(compiled(x), expected, torch.float32, 6 + 7 + 8, "y")
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_mixer_projections_are_computed_inside_the_scan(dynamic):
+    """GSPN-T's mixer compiled for a fixed size its planes fit: the fused scan's ``lam``, logits,
+    ``gate`` and ``skip`` (1x1 convolutions of one 16-channel proxy) are computed by the lane kernel
+    itself, and their convolutions are gone from the compiled program; for any size they stay.
+    Both match eager."""
+    from gspn_ref.models.network import GSPNMixer
+
+    torch.manual_seed(0)
+    model = GSPNMixer(16, items_each_chunk=2).eval()
+    x = torch.randn(1, 16, 6, 6, generator=torch.Generator().manual_seed(2))
+    compiled = compile_model(model, (x,), dynamic=dynamic)
+    calls = [line.split()[1] for line in compiled.executable.as_text().splitlines() if line.strip().startswith("call ")]
+    projected = [name for name in calls if name.endswith("_lanes_projected16")]
+    convolutions = [name for name in calls if "conv2d" in name]
+    print(calls)
+    if dynamic:
+        # in_proj, the depthwise conv, x_conv_down, the four projections, m_conv, out_proj
+        assert not projected and len(convolutions) == 9, calls
+    else:
+        # the same but the four projections of the proxy
+        assert len(projected) == 1 and len(convolutions) == 5, calls
+    with torch.no_grad():
+        expected = model(x)
+    assert_close_scaled(compiled(x), expected, torch.float32, 6 + 6 + 16, "mixer output")

@@ -139,6 +139,20 @@ def test_lane_kernels_run_whole_vectors_of_channels(direction, fused):
     assert "for " not in script, script
 
 
+def test_projected_lane_kernel_computes_its_projections_in_vectors():
+    """The lane kernel that projects its inputs from a proxy: the six sums per element are one
+    vectorized block over the lanes, a proxy of S channels giving S terms each, and it stages only
+    ``u`` from memory (5 staged inputs fewer than the fused lane kernel)."""
+    func = cpu.schedule_fused_forward_lanes_projected("l2r", "float32", 3)
+    sch = s_tir.Schedule(func)
+    kinds = [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock("project"))]
+    assert kinds[-1] == tirx.ForKind.VECTORIZED, kinds
+    project = _Blocks(func)["project"].script()
+    assert project.count("] * T.Cast(\"float32\", proxy[") == 6 * 3, project
+    stage = _Blocks(func)["lanes_stage_in_8x8"].script()
+    assert stage.count("] = T.Shuffle(") == compute.V, stage
+
+
 WORKSPACE = """
 import ctypes, gc, json, sys, torch
 from gspn_tvm import kernels, soak
