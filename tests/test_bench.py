@@ -90,6 +90,21 @@ def test_record_scans_sees_every_scan_of_a_network():
         assert len(models._scan_runners(backend, calls)) == len(calls)
 
 
+def test_relax_scan_seconds_times_the_compiled_scan_kernels():
+    """The scan time of a Relax-compiled network is what its own ``gspn_*`` kernels take inside the
+    VM: positive and under the whole run."""
+    import gspn_tvm
+    from gspn_ref.models import gspn_tiny
+
+    net = gspn_tiny(num_classes=10, embed_dim=16, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    compiled = gspn_tvm.compile_model(net, (x,), dynamic=False)
+    scan = models.relax_scan_seconds(compiled, x, repeat=3)
+    total = core.median_seconds(lambda: compiled(x), 3, 1)
+    print(f"scan {scan * 1e3:.3f} ms of {total * 1e3:.3f} ms")
+    assert 0 < scan < total
+
+
 def test_fused_rows_compare_with_the_unfused_ops():
     rows = fused.run(shapes=[(1, 4, 2, 8, 6)], bandwidth=core.copy_bandwidth(1 << 22), directions=("b2t",))
     assert {r["backend"] for r in rows} == {"torch-reference", "tvm-cpu", "tvm-cpu unfused", "ort-custom",

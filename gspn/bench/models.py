@@ -9,10 +9,12 @@ creation; torch.export and Relax compilation). Backends, all on the same model (
     ort-portable      ONNX Runtime, the portable (standard-operator) export
     tvm-relax         the whole model compiled by TVM Relax (``gspn_tvm.compile_model``)
 
-The scan's share of a backend's time is measured, not estimated from a profile: every
+The scan's share of a backend's time is measured: for the torch and ONNX Runtime backends every
 ``gspn.scan`` and ``gspn.fused_scan`` call of one forward pass is recorded (inputs, direction,
 chunk), then the same calls are timed alone with that backend's kernel (ONNX Runtime: one-node
-models; TVM Relax: the project's TensorIR kernels, which Relax calls as they are) and summed. Peak resident memory is the
+models) and summed; for TVM Relax, whose scan kernels differ from the eager ones (logits read in
+place, projections computed inside), the time spent in the compiled program's own scan kernels is
+summed over whole runs with the Relax VM's instrument hook (:func:`relax_scan_seconds`). Peak resident memory is the
 ``ru_maxrss`` of a fresh process that loads the backend's model and runs it three times.
 """
 
@@ -105,7 +107,7 @@ def _scan_runners(backend: str, calls: list[tuple]) -> list[Callable[[], object]
     """One callable per recorded scan that runs it with ``backend``'s scan kernel."""
     if backend == "torch-reference":
         return [lambda c=c: _KERNELS[c[0]][0](*c[1:]) for c in calls]
-    if backend in ("torch-tvm", "tvm-relax"):
+    if backend == "torch-tvm":
         return [lambda c=c: _KERNELS[c[0]][1](*c[1:]) for c in calls]
     threads = torch.get_num_threads()
     runners = []
@@ -149,8 +151,41 @@ def _prepare(backend: str, model, x, folder: Path) -> tuple[Callable[[], object]
     if backend == "tvm-relax":
         compiled = gspn_tvm.compile_model(model, (x,), dynamic=False)
         artifact = compiled.save(folder / "relax")
-        return (lambda: compiled(x)), artifact
+
+        def run_compiled():
+            return compiled(x)
+
+        run_compiled.compiled = compiled  # for relax_scan_seconds
+        return run_compiled, artifact
     raise ValueError(f"backend: expected one of {BACKENDS}; got {backend!r}")
+
+
+def relax_scan_seconds(compiled, x: torch.Tensor, repeat: int) -> float:
+    """Median over ``repeat`` runs of ``compiled`` (a :class:`gspn_tvm.CompiledModel`) on ``x`` of the
+    seconds spent inside its scan kernels (the PrimFuncs named ``gspn_*``), timed around each call
+    by the Relax VM's instrument hook."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    vm = VirtualMachine(compiled.executable, tvm.cpu())
+    started, spent = {}, []
+
+    def instrument(func, symbol, before, ret, *args):
+        if symbol.startswith("gspn_"):
+            if before:
+                started[symbol] = time.perf_counter()
+            else:
+                spent[-1] += time.perf_counter() - started[symbol]
+        return 0
+
+    vm.set_instrument(instrument)
+    inputs = [tvm.runtime.from_dlpack(x.contiguous()), *compiled._params]
+    runs = []
+    for _ in range(repeat + 1):  # the first run warms up
+        spent.append(0.0)
+        vm["main"](*inputs)
+        runs.append(spent[-1])
+    return float(np.median(runs[1:]))
 
 
 def peak_rss_mb(case: str, backend: str, artifact: Path | None) -> float:
@@ -204,9 +239,12 @@ def run(cases=None, quick: bool = False, backends=BACKENDS) -> list[dict]:
                     forward, artifact = _prepare(backend, model, x, Path(tmp))
                     prepare_s = time.perf_counter() - start
                     seconds = median_seconds(forward, repeat if backend != "torch-reference" else max(2, repeat // 3), 1)
-                    scan_runners = _scan_runners(backend, calls)
-                with gspn_tvm.enabled(backend in ("torch-tvm", "tvm-relax")):
-                    scan_s = sum(median_seconds(fn, repeat, 1) for fn in scan_runners)
+                    scan_runners = _scan_runners(backend, calls) if backend != "tvm-relax" else []
+                if backend == "tvm-relax":
+                    scan_s = relax_scan_seconds(forward.compiled, x, repeat)
+                else:
+                    with gspn_tvm.enabled(backend == "torch-tvm"):
+                        scan_s = sum(median_seconds(fn, repeat, 1) for fn in scan_runners)
                 extra = {"scan_ms": round(scan_s * 1e3, 3), "scan_share": round(scan_s / seconds, 3),
                          "scans": len(calls), "prepare_s": round(prepare_s, 2)}  # fmt: skip
                 if case in PEAK_MEMORY_CASES:
