@@ -228,7 +228,7 @@ class ScanEmitter:
         if packed is not None:
             inputs = [inputs[0], inputs[1], packed, inputs[5], inputs[6]]  # u, lam, logits, gate, skip
         lanes = self._lanes_serve(direction, x_type)
-        projected = self._projections(bb, inputs) if lanes and packed is not None else None
+        projected = self._projections(bb, inputs) if packed is not None and self._projected_serve(x_type) else None
         if projected is not None:
             proxy, weights = projected
             inputs = [inputs[0], proxy, *weights]
@@ -267,6 +267,14 @@ class ScanEmitter:
 
         sizes = [int(v) if isinstance(v, tirx.IntImm) else None for v in x_type.shape.values[1:]]
         return self.target.kind.name == "llvm" and None not in sizes and cpu.lanes_serve(direction, *sizes)
+
+    def _projected_serve(self, x_type) -> bool:
+        """Whether the CPU lane kernel that projects its inputs serves a scan of ``x_type`` (static
+        channels and plane, :func:`gspn_tvm.schedules.cpu.projected_lanes_serve`)."""
+        from .schedules import cpu
+
+        sizes = [int(v) if isinstance(v, tirx.IntImm) else None for v in x_type.shape.values[1:]]
+        return self.target.kind.name == "llvm" and None not in sizes and cpu.projected_lanes_serve(*sizes)
 
     def _packed_logits(self, bb: relax.BlockBuilder, logits: Sequence[relax.Expr]) -> relax.Expr | None:
         """``w`` where the logits ``al, am, ar`` are the three outputs, in order, of ``split(w, 3,

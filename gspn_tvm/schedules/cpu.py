@@ -123,6 +123,19 @@ def lanes_serve(direction: str, C: int, H: int, W: int) -> bool:
     return is_column(direction) or (W < LANE_ROW_LIMIT and W % VECTOR_LANES != 0)
 
 
+#: Largest planes the projecting lane kernel is picked for (it stages 9 buffers of ``LANES * H *
+#: W`` float32 per task, 900 KiB at 56 x 56): it reads one tensor of the scan's size instead of
+#: seven, so it pays on planes where the plain lane kernel does not (576 x 56^2 l2r, 2-core EPYC:
+#: 2.9 ms, against 5.5 ms for the column-tile kernel plus the four projections).
+PROJECTED_PLANE_ELEMENTS = 4096
+
+
+def projected_lanes_serve(C: int, H: int, W: int) -> bool:
+    """Whether the lane kernel that projects its inputs from a proxy serves planes ``(H, W)`` of
+    ``C`` channels (any direction)."""
+    return C % compute.LANES == 0 and H * W <= PROJECTED_PLANE_ELEMENTS
+
+
 def schedule_forward_lanes(direction: str, dtype: str):
     """Scheduled lane forward (small planes, ``C`` a multiple of ``LANES``; any direction)."""
     return _lane_forward(scan_forward_lanes(direction, dtype))
