@@ -115,18 +115,19 @@ LANE_ROW_LIMIT = 24
 def lanes_serve(direction: str, C: int, H: int, W: int) -> bool:
     """Whether the lane kernel is the faster forward for planes ``(H, W)`` of ``C`` channels.
 
-    Measured on a 2-core EPYC with the fused forward at ~450k elements per call: columns of planes
-    up to 40 x 40 (14 x 14: 1.94 -> 0.71 ms, 7 x 7: 1.82 -> 0.42, 28 x 28: 2.63 -> 1.58), rows
-    shorter than ``LANE_ROW_LIMIT`` that are not a multiple of 8 (14 x 14: 1.28 -> 0.73 ms)."""
+    Measured on a 2-core EPYC with the fused forward at ~450k elements per call (16 lanes):
+    columns of planes up to 40 x 40 (14 x 14: 1.83 -> 0.54 ms, 28 x 28: 1.06 -> 0.50, 40 x 40: 0.68
+    -> 0.59; 7 x 7 with 4608 channels: 1.82 -> 0.34), rows shorter than ``LANE_ROW_LIMIT`` that are
+    not a multiple of 8 (14 x 14: 1.24 -> 0.53 ms, 20 x 20: 0.81 -> 0.52)."""
     if C % compute.LANES or H * W > compute.LANE_PLANE_ELEMENTS:
         return False
     return is_column(direction) or (W < LANE_ROW_LIMIT and W % VECTOR_LANES != 0)
 
 
 #: Largest planes the projecting lane kernel is picked for (it stages 9 buffers of ``LANES * H *
-#: W`` float32 per task, 900 KiB at 56 x 56): it reads one tensor of the scan's size instead of
+#: W`` float32 per task, 1.8 MiB at 56 x 56): it reads one tensor of the scan's size instead of
 #: seven, so it pays on planes where the plain lane kernel does not (576 x 56^2 l2r, 2-core EPYC:
-#: 2.9 ms, against 5.5 ms for the column-tile kernel plus the four projections).
+#: 2.0 ms, against 5.5 ms for the column-tile kernel plus the four projections).
 PROJECTED_PLANE_ELEMENTS = 4096
 
 

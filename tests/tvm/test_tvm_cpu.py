@@ -37,10 +37,10 @@ def test_kernels_called_directly_at_tile_edges(direction, shape, chunk, dtype):
     check_scan_case(kernels.scan_forward, ScanCase(*shape, direction, chunk), dtype, backward=kernels.scan_backward)
 
 
-#: Shapes the lane kernels serve (channels a multiple of 8, small planes; rows of 7 and 12 are not
+#: Shapes the lane kernels serve (channels a multiple of 16, small planes; rows of 7 and 12 are not
 #: whole vectors): a plane that is not a multiple of 8 elements (tail), a single row or column,
 #: grouped weights whose groups span and split lane blocks, two batch items.
-LANE_SHAPES = [((2, 16, 4, 5, 7), 2), ((1, 8, 8, 1, 9), 0), ((1, 24, 3, 9, 1), 3), ((2, 8, 1, 12, 12), 5)]
+LANE_SHAPES = [((2, 32, 4, 5, 7), 2), ((1, 16, 16, 1, 9), 0), ((1, 48, 3, 9, 1), 3), ((2, 16, 1, 12, 12), 5)]
 
 
 @pytest.mark.parametrize("direction", gspn_ref.DIRECTIONS)
@@ -66,11 +66,11 @@ def test_lane_kernels_on_small_planes(direction, shape, chunk, dtype, monkeypatc
 
 @pytest.mark.parametrize(("direction", "C", "H", "W", "served"), [
     ("l2r", 2304, 14, 14, True), ("t2b", 4608, 7, 7, True), ("l2r", 1152, 28, 28, True), ("t2b", 1152, 28, 28, False),
-    ("t2b", 256, 16, 16, False), ("r2l", 12, 7, 7, False), ("b2t", 576, 56, 56, False), ("r2l", 64, 40, 40, True),
+    ("t2b", 256, 16, 16, False), ("r2l", 24, 7, 7, False), ("b2t", 576, 56, 56, False), ("r2l", 64, 40, 40, True),
     ("l2r", 64, 41, 40, False),
 ])  # fmt: skip
 def test_lane_kernel_choice(direction, C, H, W, served):
-    """Lane kernels for channel counts divisible by 8 and planes of at most 1600 elements: every column
+    """Lane kernels for channel counts divisible by 16 and planes of at most 1600 elements: every column
     scan, rows shorter than 24 that are not whole vectors (measured faster, see ``lanes_serve``)."""
     from gspn_tvm.schedules import cpu
 
@@ -78,7 +78,7 @@ def test_lane_kernel_choice(direction, C, H, W, served):
 
 
 @pytest.mark.parametrize(("C", "H", "W", "served"), [(576, 56, 56, True), (64, 64, 64, True), (64, 65, 64, False),
-                                                      (12, 7, 7, False), (4608, 7, 7, True)])
+                                                      (24, 7, 7, False), (4608, 7, 7, True)])
 def test_projected_lane_kernel_choice(C, H, W, served):
     """The projecting lane kernel (Relax, GSPN-T's mixers) takes planes up to 64 x 64 elements: it
     reads one input instead of seven, so it pays beyond the plain lane kernel's 1600."""

@@ -248,7 +248,7 @@ def projected_kernels():
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize(("B", "C", "G", "H", "W", "chunk"), [(2, 16, 4, 5, 7, 2), (1, 8, 8, 1, 9, 0), (1, 24, 3, 9, 1, 3)])
+@pytest.mark.parametrize(("B", "C", "G", "H", "W", "chunk"), [(2, 32, 4, 5, 7, 2), (1, 16, 16, 1, 9, 0), (1, 48, 3, 9, 1, 3)])
 def test_projected_lane_kernel_matches_reference(projected_kernels, direction, B, C, G, H, W, chunk):
     """The kernel's own 1x1 projections of the proxy, then the fused scan, against the float64
     reference given torch's convolutions of the same proxy and weights (groups, tails, 1-wide maps)."""

@@ -109,12 +109,12 @@ def test_compile_onnx_refuses_a_fused_node_without_direction():
 
 
 class LaneMixer(torch.nn.Module):
-    """A fused scan of 8 channels with logits split from one projection (the lane kernel's shapes)."""
+    """A fused scan of 16 channels with logits split from one projection (the lane kernel's shapes)."""
 
     def __init__(self):
         super().__init__()
         gen = torch.Generator().manual_seed(5)
-        self.logits = torch.nn.Conv2d(8, 3 * 8, 1)
+        self.logits = torch.nn.Conv2d(16, 3 * 16, 1)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen))
@@ -126,7 +126,7 @@ class LaneMixer(torch.nn.Module):
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_static_small_planes_compile_to_the_lane_kernel(monkeypatch, dynamic):
-    """Compiled for a fixed size whose planes the lane kernel serves (8 channels, 6 x 7), the fused
+    """Compiled for a fixed size whose planes the lane kernel serves (16 channels, 6 x 7), the fused
     scan lowers to it (reading the split logits in place); compiled for any size, to the plane
     kernel. Both match eager."""
     lowered = []
@@ -138,12 +138,12 @@ def test_static_small_planes_compile_to_the_lane_kernel(monkeypatch, dynamic):
 
     monkeypatch.setattr(relax_frontend, "scan_kernel", spy)
     model = LaneMixer().eval()
-    x = torch.randn(2, 8, 6, 7, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 16, 6, 7, generator=torch.Generator().manual_seed(1))
     compiled = compile_model(model, (x,), dynamic=dynamic)
     assert lowered == [(True, not dynamic)]
     with torch.no_grad():
         expected = model(x)
-    assert_close_scaled(compiled(x), expected, torch.float32, 6 + 7 + 8, "y")
+    assert_close_scaled(compiled(x), expected, torch.float32, 6 + 7 + 16, "y")
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

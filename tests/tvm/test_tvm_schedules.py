@@ -117,7 +117,7 @@ def test_small_planes_prefetch_every_input_of_the_next_channel(direction, fused)
 @pytest.mark.parametrize("direction", ["t2b", "l2r"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_lane_kernels_run_whole_vectors_of_channels(direction, fused):
-    """The small-plane kernels: one parallel task per (b, 8 channels); staged buffers of ``(H * W,
+    """The small-plane kernels: one parallel task per (b, 16 channels); staged buffers of ``(H * W,
     LANES)`` float32 (never W- or C-sized beyond the plane); every loop over the lanes of the line
     blocks vectorized by TVM (no scalar tail); planes moved in 8x8 blocks of vector loads, shuffles
     and vector stores."""
@@ -135,7 +135,7 @@ def test_lane_kernels_run_whole_vectors_of_channels(direction, fused):
         assert kinds[-1] == tirx.ForKind.VECTORIZED, f"{name}: {kinds}"
     script = blocks["lanes_stage_in_8x8"].script()
     tensors = 7 if fused else 5
-    assert script.count("] = T.Shuffle(") == compute.V * tensors, script
+    assert script.count("] = T.Shuffle(") == compute.LANES * tensors, script  # two halves of 8 lanes
     assert "for " not in script, script
 
 
@@ -150,7 +150,7 @@ def test_projected_lane_kernel_computes_its_projections_in_vectors():
     project = _Blocks(func)["project"].script()
     assert project.count("] * T.Cast(\"float32\", proxy[") == 6 * 3, project
     stage = _Blocks(func)["lanes_stage_in_8x8"].script()
-    assert stage.count("] = T.Shuffle(") == compute.V, stage
+    assert stage.count("] = T.Shuffle(") == compute.LANES, stage
 
 
 WORKSPACE = """
