@@ -658,6 +658,9 @@ def _column_tile_planes(direction: str, dtype: str, fused: bool, tile: int):
                         col = T.meta_var(lambda k: W - 1 - first - k if reversed_ else first + k)
                         # first memory column of the steps k0 .. k0 + V - 1 (see _tile_copies)
                         mem = T.meta_var(lambda k0: col(k0 + V - 1) if reversed_ else col(k0))
+                        # the blocks of a row of the tile in ascending memory order (r2l: from the
+                        # last step's block): descending reads ran r2l at half the speed of l2r
+                        ascending = T.meta_var(lambda kb: count // V - 1 - kb if reversed_ else kb)
                         xs = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         lams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         # the weights (plain scan) or their logits (fused scan)
@@ -672,7 +675,8 @@ def _column_tile_planes(direction: str, dtype: str, fused: bool, tile: int):
                         full_cols = T.meta_var(count // V * V)
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_in_8x8"):
-                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                vib, vkb_ = T.axis.remap("SS", [ib, kb])
+                                vkb = T.meta_var(ascending(vkb_))
                                 stage_block(xs, x, vb, vc, vib * V, vkb * V, mem(vkb * V))
                                 stage_block(lams, lam, vb, vc, vib * V, vkb * V, mem(vkb * V))
                                 stage_block(wls, wl, vb, vg, vib * V, vkb * V, mem(vkb * V))
@@ -734,7 +738,8 @@ def _column_tile_planes(direction: str, dtype: str, fused: bool, tile: int):
                                     hs[vk, vp] = _output(fused, hs[vk, vp], xs[vk, vp], gates[vk, vp], skips[vk, vp])
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_out_8x8"):
-                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                vib, vkb_ = T.axis.remap("SS", [ib, kb])
+                                vkb = T.meta_var(ascending(vkb_))
                                 store_block(out, hs, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
                         for i, k in T.grid(H - full_rows, count):
                             with T.sblock("stage_out_rows_tail"):
@@ -1215,6 +1220,9 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                         # column of the predecessor (step - 1, clamped at 0: a segment start never uses it)
                         pred_col = T.meta_var(lambda m: (W - 1 - T.max(step(m) - 1, 0)) if reversed_ else T.max(step(m) - 1, 0))
                         mem = T.meta_var(lambda k0: col(k0) if reversed_ else col(k0 + V - 1))
+                        # the blocks of a row of the tile in ascending memory order (l2r visits its
+                        # columns right to left; descending reads are slower, see _column_tile_planes)
+                        ascending = T.meta_var(lambda kb, blocks: kb if reversed_ else blocks - 1 - kb)
                         full_rows = T.meta_var(H // V * V)
                         full_cols = T.meta_var(count // V * V)
                         # visits whose step has a predecessor (step >= 1): whole 8-blocks of them read h unclamped
@@ -1231,7 +1239,8 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                         dlams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_weights_8x8"):
-                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                vib, vkb_ = T.axis.remap("SS", [ib, kb])
+                                vkb = T.meta_var(ascending(vkb_, count // V))
                                 stage_block(gls, gl, vb, vg, vib * V, vkb * V, mem(vkb * V))
                                 stage_block(gms, gm, vb, vg, vib * V, vkb * V, mem(vkb * V))
                                 stage_block(grs, gr, vb, vg, vib * V, vkb * V, mem(vkb * V))
@@ -1257,13 +1266,15 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                 vc = T.meta_var(vg * group_size + vk)
                                 for ib, kb in T.grid(H // V, count // V):
                                     with T.sblock("stage_in_8x8"):
-                                        vib, vkb = T.axis.remap("SS", [ib, kb])
+                                        vib, vkb_ = T.axis.remap("SS", [ib, kb])
+                                        vkb = T.meta_var(ascending(vkb_, count // V))
                                         stage_block(ghs, gh, vb, vc, vib * V, vkb * V, mem(vkb * V))
                                         stage_block(xs, x, vb, vc, vib * V, vkb * V, mem(vkb * V))
                                         stage_block(lams, lam, vb, vc, vib * V, vkb * V, mem(vkb * V))
                                 for ib, kb in T.grid(H // V, full_pred // V):
                                     with T.sblock("stage_predecessor_8x8"):
-                                        vib, vkb = T.axis.remap("SS", [ib, kb])
+                                        vib, vkb_ = T.axis.remap("SS", [ib, kb])
+                                        vkb = T.meta_var(ascending(vkb_, full_pred // V))
                                         stage_block(hps, h, vb, vc, vib * V, vkb * V, mem(vkb * V) + shift)
                                 for i, m in T.grid(H - full_rows, count):
                                     with T.sblock("stage_in_rows_tail"):
@@ -1324,7 +1335,8 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                                     restart, T.float32(0), adjoint[vp] * hps[vm, vp + 1])
                                 for ib, kb in T.grid(H // V, count // V):
                                     with T.sblock("stage_out_8x8"):
-                                        vib, vkb = T.axis.remap("SS", [ib, kb])
+                                        vib, vkb_ = T.axis.remap("SS", [ib, kb])
+                                        vkb = T.meta_var(ascending(vkb_, count // V))
                                         store_block(dx, dxs, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
                                         store_block(dlam, dlams, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
                                 for i, m in T.grid(H - full_rows, count):
@@ -1339,7 +1351,8 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                         dlam[vb, vc, vi, col(full_cols + vm)] = T.Cast(dtype, dlams[full_cols + vm, vi])
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("store_weight_grad_8x8"):
-                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                vib, vkb_ = T.axis.remap("SS", [ib, kb])
+                                vkb = T.meta_var(ascending(vkb_, count // V))
                                 store_block(dgl, wgrad, (0,), vb, vg, vib * V, vkb * V, mem(vkb * V))
                                 store_block(dgm, wgrad, (1,), vb, vg, vib * V, vkb * V, mem(vkb * V))
                                 store_block(dgr, wgrad, (2,), vb, vg, vib * V, vkb * V, mem(vkb * V))
