@@ -117,8 +117,8 @@ def entry_record(device: str, dtype: str, library: str = "scan") -> dict:
 
 def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str, str, dict]]:
     """Symbol -> (schedule function of the target's schedule module, direction, its options) of
-    ``library``; on CPU the forwards also come as lane kernels for small planes (see
-    :func:`gspn_tvm.schedules.cpu.lanes_serve`), on CUDA as line pipelines for lines of up to 1024
+    ``library``; on CPU the forwards (and the scan's adjoints) also come as lane kernels for small
+    planes (see :func:`gspn_tvm.schedules.cpu.lanes_serve`), on CUDA as line pipelines for lines of up to 1024
     positions and (row scans) as a wide variant for longer rows (see
     :func:`gspn_tvm.schedules.cuda.forward_symbol`)."""
     _check_library(library)
@@ -131,6 +131,9 @@ def _library_functions(library: str, device: str = "cpu") -> dict[str, tuple[str
     if device == "cpu":
         lanes = "schedule_fused_forward_lanes" if library == "fused" else "schedule_forward_lanes"
         functions.update({compute.lanes_name(symbol): (lanes, direction, {}) for symbol, (_, direction, _) in forwards.items()})
+        if library == "scan":
+            functions.update({compute.lanes_name(compute.backward_name(d)): ("schedule_backward_lanes", d, {})
+                              for d in DIRECTIONS})  # fmt: skip
     if device == "cuda":
         pipeline = "line_pipeline_fused_forward" if library == "fused" else "line_pipeline_forward"
         for symbol, (rule, direction, _) in forwards.items():

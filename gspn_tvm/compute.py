@@ -1112,6 +1112,176 @@ def fused_scan_forward_lanes_projected(direction: str, dtype: str, proxy_channel
     return forward.with_attr("global_symbol", projected_name(lanes_name(fused_forward_name(direction))))
 
 
+def scan_backward_lanes(direction: str, dtype: str):
+    """Adjoint scan with ``LANES`` channels per task as vector lanes, for small planes with one weight
+    group per channel (``G == C``, asserted; CPU, any direction). Arguments and results as
+    :func:`scan_backward`, same arithmetic.
+
+    Blocks: ``lanes`` per ``(b, LANES channels)``; ``lanes_stage_in_8x8`` / ``lanes_stage_in_tail``
+    (``gh, x, lam, gl, gm, gr, h`` staged as in :func:`scan_forward_lanes`), ``clear``, ``line`` per
+    scan step in reverse order (``load_previous_h``, ``adjoint_step``, ``gradients``: ``dx, dlam``
+    and the three weight gradients of the line into staged buffers, ``flow`` for the line before),
+    ``lanes_stage_out`` (five tensors). With one channel per group the weight gradients need no sum
+    over channels, which is what lets a lane own its weights.
+    """
+    assert direction in DIRECTIONS, direction
+    f32 = ACCUMULATION_DTYPE
+    stage, unstage = _lane_copies(dtype)
+
+    @T.prim_func(s_tir=True)
+    def backward(gh_handle: T.handle, x_handle: T.handle, lam_handle: T.handle, gl_handle: T.handle,
+                 gm_handle: T.handle, gr_handle: T.handle, h_handle: T.handle, dx_handle: T.handle,
+                 dlam_handle: T.handle, dgl_handle: T.handle, dgm_handle: T.handle, dgr_handle: T.handle,
+                 chunk: T.int64):  # fmt: skip
+        T.func_attr({"tir.noalias": True})
+        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        gh = T.match_buffer(gh_handle, (B, C, H, W), dtype)
+        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
+        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
+        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
+        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
+        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
+        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
+        dx = T.match_buffer(dx_handle, (B, C, H, W), dtype)
+        dlam = T.match_buffer(dlam_handle, (B, C, H, W), dtype)
+        dgl = T.match_buffer(dgl_handle, (B, G, H, W), dtype)
+        dgm = T.match_buffer(dgm_handle, (B, G, H, W), dtype)
+        dgr = T.match_buffer(dgr_handle, (B, G, H, W), dtype)
+        n_lines, length = T.meta_var(_line_geometry(direction, H, W))
+        n = T.meta_var(H * W)
+        full = T.meta_var(n // V * V)
+        chk = T.meta_var(T.Cast("int64", chunk))
+        assert G == C, "gl: the lane adjoint takes one weight group per channel"
+        assert C % LANES == 0, "x: expected a channel count divisible by 16 (the lane kernel)"
+        assert chk >= 0, "chunk: expected an int >= 0"
+        for b, cb in T.grid(B, C // LANES):
+            with T.sblock("lanes"):
+                vb, vcb = T.axis.remap("SS", [b, cb])
+                c0 = T.meta_var(vcb * LANES)
+                T.reads(gh[vb, c0:c0 + LANES, 0:H, 0:W], x[vb, c0:c0 + LANES, 0:H, 0:W], lam[vb, c0:c0 + LANES, 0:H, 0:W],
+                        gl[vb, c0:c0 + LANES, 0:H, 0:W], gm[vb, c0:c0 + LANES, 0:H, 0:W], gr[vb, c0:c0 + LANES, 0:H, 0:W],
+                        h[vb, c0:c0 + LANES, 0:H, 0:W])  # fmt: skip
+                T.writes(dx[vb, c0:c0 + LANES, 0:H, 0:W], dlam[vb, c0:c0 + LANES, 0:H, 0:W], dgl[vb, c0:c0 + LANES, 0:H, 0:W],
+                         dgm[vb, c0:c0 + LANES, 0:H, 0:W], dgr[vb, c0:c0 + LANES, 0:H, 0:W])  # fmt: skip
+                channel = T.meta_var([[c0 + half * V + lane for lane in range(V)] for half in range(2)])
+                ghs = T.sblock_alloc_buffer((n, LANES), f32)
+                xs = T.sblock_alloc_buffer((n, LANES), f32)
+                lams = T.sblock_alloc_buffer((n, LANES), f32)
+                gls = T.sblock_alloc_buffer((n, LANES), f32)
+                gms = T.sblock_alloc_buffer((n, LANES), f32)
+                grs = T.sblock_alloc_buffer((n, LANES), f32)
+                hs = T.sblock_alloc_buffer((n, LANES), f32)
+                dxs = T.sblock_alloc_buffer((n, LANES), f32)
+                dlams = T.sblock_alloc_buffer((n, LANES), f32)
+                dgls = T.sblock_alloc_buffer((n, LANES), f32)
+                dgms = T.sblock_alloc_buffer((n, LANES), f32)
+                dgrs = T.sblock_alloc_buffer((n, LANES), f32)
+                # flow[t, 1 + p]: w_t[p] * adjoint[p] of the line visited last (zero halos)
+                flow = T.sblock_alloc_buffer((3, length + 2, LANES), f32)
+                previous_h = T.sblock_alloc_buffer((length + 2, LANES), f32)
+                adjoint = T.sblock_alloc_buffer((length, LANES), f32)
+                for eb in range(n // V):
+                    with T.sblock("lanes_stage_in_8x8"):
+                        veb = T.axis.spatial(n // V, eb)
+                        stage(ghs, gh, vb, channel[0], veb * V, T.int64(0))
+                        stage(ghs, gh, vb, channel[1], veb * V, T.int64(V))
+                        stage(xs, x, vb, channel[0], veb * V, T.int64(0))
+                        stage(xs, x, vb, channel[1], veb * V, T.int64(V))
+                        stage(lams, lam, vb, channel[0], veb * V, T.int64(0))
+                        stage(lams, lam, vb, channel[1], veb * V, T.int64(V))
+                        stage(gls, gl, vb, channel[0], veb * V, T.int64(0))
+                        stage(gls, gl, vb, channel[1], veb * V, T.int64(V))
+                        stage(gms, gm, vb, channel[0], veb * V, T.int64(0))
+                        stage(gms, gm, vb, channel[1], veb * V, T.int64(V))
+                        stage(grs, gr, vb, channel[0], veb * V, T.int64(0))
+                        stage(grs, gr, vb, channel[1], veb * V, T.int64(V))
+                        stage(hs, h, vb, channel[0], veb * V, T.int64(0))
+                        stage(hs, h, vb, channel[1], veb * V, T.int64(V))
+                for e, lane in T.grid(n - full, LANES):
+                    with T.sblock("lanes_stage_in_tail"):
+                        ve, vl = T.axis.remap("SS", [e, lane])
+                        i, j = T.meta_var(((full + ve) // W, (full + ve) % W))
+                        ghs[full + ve, vl] = T.Cast(f32, gh[vb, c0 + vl, i, j])
+                        xs[full + ve, vl] = T.Cast(f32, x[vb, c0 + vl, i, j])
+                        lams[full + ve, vl] = T.Cast(f32, lam[vb, c0 + vl, i, j])
+                        gls[full + ve, vl] = T.Cast(f32, gl[vb, c0 + vl, i, j])
+                        gms[full + ve, vl] = T.Cast(f32, gm[vb, c0 + vl, i, j])
+                        grs[full + ve, vl] = T.Cast(f32, gr[vb, c0 + vl, i, j])
+                        hs[full + ve, vl] = T.Cast(f32, h[vb, c0 + vl, i, j])
+                for t, q, lane in T.grid(3, length + 2, LANES):
+                    with T.sblock("clear"):
+                        vt, vq, vl = T.axis.remap("SSS", [t, q, lane])
+                        flow[vt, vq, vl] = T.float32(0)
+                for q, lane in T.grid(length + 2, LANES):
+                    with T.sblock("clear_previous_h"):
+                        vq, vl = T.axis.remap("SS", [q, lane])
+                        previous_h[vq, vl] = T.float32(0)
+                for r in range(n_lines):
+                    with T.sblock("line"):
+                        vr = T.axis.opaque(n_lines, r)
+                        vs = T.meta_var(n_lines - 1 - vr)  # lines are visited in reverse scan order
+                        line = T.meta_var(_line_of_step(direction, vs, n_lines))
+                        pred = T.meta_var(_line_of_step(direction, T.max(vs - 1, 0), n_lines))
+                        no_successor = T.meta_var(T.Or(vs + 1 >= n_lines, _starts_segment(vs + 1, chk)))
+                        restart = T.meta_var(_starts_segment(vs, chk))
+                        for p, lane in T.grid(length, LANES):
+                            with T.sblock("load_previous_h"):
+                                vp, vl = T.axis.remap("SS", [p, lane])
+                                pi, pj = T.meta_var(_element(direction, pred, vp))
+                                previous_h[vp + 1, vl] = hs[pi * W + pj, vl]
+                        for p, lane in T.grid(length, LANES):
+                            with T.sblock("adjoint_step"):
+                                vp, vl = T.axis.remap("SS", [p, lane])
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                from_successor = T.meta_var(flow[0, vp + 2, vl] + flow[1, vp + 1, vl] + flow[2, vp, vl])
+                                adjoint[vp, vl] = ghs[i * W + j, vl] + T.Select(no_successor, T.float32(0), from_successor)
+                        for p, lane in T.grid(length, LANES):
+                            with T.sblock("gradients"):
+                                vp, vl = T.axis.remap("SS", [p, lane])
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                e = T.meta_var(i * W + j)
+                                dxs[e, vl] = lams[e, vl] * adjoint[vp, vl]
+                                dlams[e, vl] = xs[e, vl] * adjoint[vp, vl]
+                                # gl at p = 0 and gr at p = P - 1 point outside the line: exactly 0
+                                dgls[e, vl] = T.Select(T.Or(restart, vp == 0), T.float32(0), adjoint[vp, vl] * previous_h[vp, vl])
+                                dgms[e, vl] = T.Select(restart, T.float32(0), adjoint[vp, vl] * previous_h[vp + 1, vl])
+                                dgrs[e, vl] = T.Select(T.Or(restart, vp + 1 == length), T.float32(0),
+                                                       adjoint[vp, vl] * previous_h[vp + 2, vl])  # fmt: skip
+                        for p, lane in T.grid(length, LANES):
+                            with T.sblock("flow"):
+                                vp, vl = T.axis.remap("SS", [p, lane])
+                                i, j = T.meta_var(_element(direction, line, vp))
+                                e = T.meta_var(i * W + j)
+                                flow[0, vp + 1, vl] = gls[e, vl] * adjoint[vp, vl]
+                                flow[1, vp + 1, vl] = gms[e, vl] * adjoint[vp, vl]
+                                flow[2, vp + 1, vl] = grs[e, vl] * adjoint[vp, vl]
+                with T.sblock("lanes_stage_out"):
+                    for eb in range(n // V):
+                        with T.sblock("lanes_stage_out_8x8"):
+                            veb = T.axis.spatial(n // V, eb)
+                            unstage(dx, dxs, vb, c0, veb * V, T.int64(0))
+                            unstage(dx, dxs, vb, c0, veb * V, T.int64(V))
+                            unstage(dlam, dlams, vb, c0, veb * V, T.int64(0))
+                            unstage(dlam, dlams, vb, c0, veb * V, T.int64(V))
+                            unstage(dgl, dgls, vb, c0, veb * V, T.int64(0))
+                            unstage(dgl, dgls, vb, c0, veb * V, T.int64(V))
+                            unstage(dgm, dgms, vb, c0, veb * V, T.int64(0))
+                            unstage(dgm, dgms, vb, c0, veb * V, T.int64(V))
+                            unstage(dgr, dgrs, vb, c0, veb * V, T.int64(0))
+                            unstage(dgr, dgrs, vb, c0, veb * V, T.int64(V))
+                    for e, lane in T.grid(n - full, LANES):
+                        with T.sblock("lanes_stage_out_tail"):
+                            ve, vl = T.axis.remap("SS", [e, lane])
+                            i, j = T.meta_var(((full + ve) // W, (full + ve) % W))
+                            dx[vb, c0 + vl, i, j] = T.Cast(dtype, dxs[full + ve, vl])
+                            dlam[vb, c0 + vl, i, j] = T.Cast(dtype, dlams[full + ve, vl])
+                            dgl[vb, c0 + vl, i, j] = T.Cast(dtype, dgls[full + ve, vl])
+                            dgm[vb, c0 + vl, i, j] = T.Cast(dtype, dgms[full + ve, vl])
+                            dgr[vb, c0 + vl, i, j] = T.Cast(dtype, dgrs[full + ve, vl])
+
+    return backward.with_attr("global_symbol", lanes_name(backward_name(direction)))
+
+
 def scan_forward_lanes(direction: str, dtype: str):
     """Forward scan with ``LANES`` channels per task as vector lanes, for small planes (CPU, any
     direction; the caller picks it for ``H * W <= LANE_PLANE_ELEMENTS`` and ``C % LANES == 0``;

@@ -140,7 +140,10 @@ def scan_backward(gh, x, lam, gl, gm, gr, h, direction: str, chunk: int):
         return gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction, chunk)
     gh, x, lam, gl, gm, gr, h = (_dense(t) for t in (gh, x, lam, gl, gm, gr, h))
     grads = tuple(torch.empty_like(t) for t in (x, lam, gl, gm, gr))
-    kernel = _compiled(compute.backward_name(direction), x)
+    symbol = compute.backward_name(direction)
+    if x.device.type == "cpu" and gl.shape[1] == x.shape[1] and cpu_schedule.lanes_serve(direction, *x.shape[1:]):
+        symbol = compute.lanes_name(symbol)  # small planes, one weight group per channel
+    kernel = _compiled(symbol, x)
     kernel(gh, x, lam, gl, gm, gr, h, *grads, _kernel_chunk(chunk, direction, x))
     return grads
 

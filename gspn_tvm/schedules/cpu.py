@@ -38,6 +38,7 @@ from ..compute import (
     fused_scan_forward_lanes_projected,
     scan_backward,
     scan_backward_column_tiles,
+    scan_backward_lanes,
     scan_forward,
     scan_forward_column_tiles,
     scan_forward_lanes,
@@ -89,7 +90,8 @@ def _row_forward(func):
 
 
 #: Blocks of the lane kernels whose innermost loop (the ``LANES`` channels) TVM vectorizes.
-LANE_VECTOR_BLOCKS = ("clear", "step", "ends", "carry", "emit", "gate")
+LANE_VECTOR_BLOCKS = ("clear", "step", "ends", "carry", "emit", "gate",
+                      "clear_previous_h", "load_previous_h", "adjoint_step", "gradients", "flow")  # fmt: skip
 
 
 def _lane_forward(func):
@@ -135,6 +137,11 @@ def projected_lanes_serve(C: int, H: int, W: int) -> bool:
     """Whether the lane kernel that projects its inputs from a proxy serves planes ``(H, W)`` of
     ``C`` channels (any direction)."""
     return C % compute.LANES == 0 and H * W <= PROJECTED_PLANE_ELEMENTS
+
+
+def schedule_backward_lanes(direction: str, dtype: str):
+    """Scheduled lane adjoint (small planes, ``G == C``, ``C`` a multiple of ``LANES``)."""
+    return _lane_forward(scan_backward_lanes(direction, dtype))
 
 
 def schedule_forward_lanes(direction: str, dtype: str):

@@ -64,6 +64,27 @@ def test_lane_kernels_on_small_planes(direction, shape, chunk, dtype, monkeypatc
                       compute.lanes_name(compute.fused_forward_name(direction))], called  # fmt: skip
 
 
+@pytest.mark.parametrize("direction", gspn_ref.DIRECTIONS)
+@pytest.mark.parametrize("shape, chunk", [((2, 32, 32, 5, 7), 2), ((1, 16, 16, 1, 9), 0), ((1, 16, 16, 9, 1), 3),
+                                          ((2, 16, 16, 12, 12), 5)])  # fmt: skip
+@pytest.mark.parametrize("dtype", TVM_DTYPES)
+def test_lane_adjoint_on_small_planes(direction, shape, chunk, dtype, monkeypatch):
+    """Small planes with one weight group per channel run the lane adjoint: gradients of all five
+    inputs against the float64 reference, every direction and dtype (grouped weights keep the
+    plane adjoint, which sums a group's channels)."""
+    from gspn_tvm import compute
+
+    names = []
+    compiled = kernels._compiled
+    monkeypatch.setattr(kernels, "_compiled", lambda name, *a: names.append(name) or compiled(name, *a))
+    check_scan_case(kernels.scan_forward, ScanCase(*shape, direction, chunk), dtype, backward=kernels.scan_backward)
+    assert compute.lanes_name(compute.backward_name(direction)) in names, names
+    names.clear()
+    grouped = ScanCase(shape[0], shape[1], shape[1] // 2, *shape[3:], direction, chunk)
+    check_scan_case(kernels.scan_forward, grouped, dtype, backward=kernels.scan_backward)
+    assert compute.backward_name(direction) in names, names
+
+
 @pytest.mark.parametrize(("direction", "C", "H", "W", "served"), [
     ("l2r", 2304, 14, 14, True), ("t2b", 4608, 7, 7, True), ("l2r", 1152, 28, 28, True), ("t2b", 1152, 28, 28, False),
     ("t2b", 256, 16, 16, False), ("r2l", 24, 7, 7, False), ("b2t", 576, 56, 56, False), ("r2l", 64, 40, 40, True),

@@ -139,6 +139,19 @@ def test_lane_kernels_run_whole_vectors_of_channels(direction, fused):
     assert "for " not in script, script
 
 
+def test_lane_adjoint_runs_whole_vectors_of_channels():
+    """The lane adjoint: one parallel task per (b, 16 channels), the seven inputs staged in 8x8
+    blocks, every per-line block vectorized over the lanes."""
+    func = cpu.schedule_backward_lanes("r2l", "float32")
+    sch = s_tir.Schedule(func)
+    assert [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock("lanes"))] == [tirx.ForKind.PARALLEL]
+    for name in ("load_previous_h", "adjoint_step", "gradients", "flow", "clear"):
+        kinds = [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock(name))]
+        assert kinds[-1] == tirx.ForKind.VECTORIZED, f"{name}: {kinds}"
+    stage = _Blocks(func)["lanes_stage_in_8x8"].script()
+    assert stage.count("] = T.Shuffle(") == compute.LANES * 7, stage
+
+
 def test_projected_lane_kernel_computes_its_projections_in_vectors():
     """The lane kernel that projects its inputs from a proxy: the six sums per element are one
     vectorized block over the lanes, a proxy of S channels giving S terms each, and it stages only
