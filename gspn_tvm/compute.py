@@ -1390,9 +1390,6 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                         # column of the predecessor (step - 1, clamped at 0: a segment start never uses it)
                         pred_col = T.meta_var(lambda m: (W - 1 - T.max(step(m) - 1, 0)) if reversed_ else T.max(step(m) - 1, 0))
                         mem = T.meta_var(lambda k0: col(k0) if reversed_ else col(k0 + V - 1))
-                        # the blocks of a row of the tile in ascending memory order (l2r visits its
-                        # columns right to left; descending reads are slower, see _column_tile_planes)
-                        ascending = T.meta_var(lambda kb, blocks: kb if reversed_ else blocks - 1 - kb)
                         full_rows = T.meta_var(H // V * V)
                         full_cols = T.meta_var(count // V * V)
                         # visits whose step has a predecessor (step >= 1): whole 8-blocks of them read h unclamped
@@ -1409,8 +1406,7 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                         dlams = T.sblock_alloc_buffer((tile, H + TILE_PAD), f32)
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_weights_8x8"):
-                                vib, vkb_ = T.axis.remap("SS", [ib, kb])
-                                vkb = T.meta_var(ascending(vkb_, count // V))
+                                vib, vkb = T.axis.remap("SS", [ib, kb])
                                 stage_block(gls, gl, vb, vg, vib * V, vkb * V, mem(vkb * V))
                                 stage_block(gms, gm, vb, vg, vib * V, vkb * V, mem(vkb * V))
                                 stage_block(grs, gr, vb, vg, vib * V, vkb * V, mem(vkb * V))
@@ -1436,15 +1432,13 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                 vc = T.meta_var(vg * group_size + vk)
                                 for ib, kb in T.grid(H // V, count // V):
                                     with T.sblock("stage_in_8x8"):
-                                        vib, vkb_ = T.axis.remap("SS", [ib, kb])
-                                        vkb = T.meta_var(ascending(vkb_, count // V))
+                                        vib, vkb = T.axis.remap("SS", [ib, kb])
                                         stage_block(ghs, gh, vb, vc, vib * V, vkb * V, mem(vkb * V))
                                         stage_block(xs, x, vb, vc, vib * V, vkb * V, mem(vkb * V))
                                         stage_block(lams, lam, vb, vc, vib * V, vkb * V, mem(vkb * V))
                                 for ib, kb in T.grid(H // V, full_pred // V):
                                     with T.sblock("stage_predecessor_8x8"):
-                                        vib, vkb_ = T.axis.remap("SS", [ib, kb])
-                                        vkb = T.meta_var(ascending(vkb_, full_pred // V))
+                                        vib, vkb = T.axis.remap("SS", [ib, kb])
                                         stage_block(hps, h, vb, vc, vib * V, vkb * V, mem(vkb * V) + shift)
                                 for i, m in T.grid(H - full_rows, count):
                                     with T.sblock("stage_in_rows_tail"):
@@ -1505,8 +1499,7 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                                     restart, T.float32(0), adjoint[vp] * hps[vm, vp + 1])
                                 for ib, kb in T.grid(H // V, count // V):
                                     with T.sblock("stage_out_8x8"):
-                                        vib, vkb_ = T.axis.remap("SS", [ib, kb])
-                                        vkb = T.meta_var(ascending(vkb_, count // V))
+                                        vib, vkb = T.axis.remap("SS", [ib, kb])
                                         store_block(dx, dxs, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
                                         store_block(dlam, dlams, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
                                 for i, m in T.grid(H - full_rows, count):
@@ -1521,8 +1514,7 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                         dlam[vb, vc, vi, col(full_cols + vm)] = T.Cast(dtype, dlams[full_cols + vm, vi])
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("store_weight_grad_8x8"):
-                                vib, vkb_ = T.axis.remap("SS", [ib, kb])
-                                vkb = T.meta_var(ascending(vkb_, count // V))
+                                vib, vkb = T.axis.remap("SS", [ib, kb])
                                 store_block(dgl, wgrad, (0,), vb, vg, vib * V, vkb * V, mem(vkb * V))
                                 store_block(dgm, wgrad, (1,), vb, vg, vib * V, vkb * V, mem(vkb * V))
                                 store_block(dgr, wgrad, (2,), vb, vg, vib * V, vkb * V, mem(vkb * V))
