@@ -675,16 +675,16 @@ def _column_tile_planes(direction: str, dtype: str, fused: bool, tile: int):
                         full_cols = T.meta_var(count // V * V)
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_in_8x8"):
-                                vib, vkb_ = T.axis.remap("SS", [ib, kb])
-                                vkb = T.meta_var(ascending(vkb_))
-                                stage_block(xs, x, vb, vc, vib * V, vkb * V, mem(vkb * V))
-                                stage_block(lams, lam, vb, vc, vib * V, vkb * V, mem(vkb * V))
-                                stage_block(wls, wl, vb, vg, vib * V, vkb * V, mem(vkb * V))
-                                stage_block(wms, wm, vb, vg, vib * V, vkb * V, mem(vkb * V))
-                                stage_block(wrs, wr, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                kblock = T.meta_var(ascending(vkb))
+                                stage_block(xs, x, vb, vc, vib * V, kblock * V, mem(kblock * V))
+                                stage_block(lams, lam, vb, vc, vib * V, kblock * V, mem(kblock * V))
+                                stage_block(wls, wl, vb, vg, vib * V, kblock * V, mem(kblock * V))
+                                stage_block(wms, wm, vb, vg, vib * V, kblock * V, mem(kblock * V))
+                                stage_block(wrs, wr, vb, vg, vib * V, kblock * V, mem(kblock * V))
                                 if fused:
-                                    stage_block(gates, gate, vb, vc, vib * V, vkb * V, mem(vkb * V))
-                                    stage_block(skips, skip, vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                    stage_block(gates, gate, vb, vc, vib * V, kblock * V, mem(kblock * V))
+                                    stage_block(skips, skip, vb, vc, vib * V, kblock * V, mem(kblock * V))
                         for i, k in T.grid(H - full_rows, count):
                             with T.sblock("stage_in_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
@@ -738,9 +738,9 @@ def _column_tile_planes(direction: str, dtype: str, fused: bool, tile: int):
                                     hs[vk, vp] = _output(fused, hs[vk, vp], xs[vk, vp], gates[vk, vp], skips[vk, vp])
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_out_8x8"):
-                                vib, vkb_ = T.axis.remap("SS", [ib, kb])
-                                vkb = T.meta_var(ascending(vkb_))
-                                store_block(out, hs, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                vib, vkb = T.axis.remap("SS", [ib, kb])
+                                kblock = T.meta_var(ascending(vkb))
+                                store_block(out, hs, (), vb, vc, vib * V, kblock * V, mem(kblock * V))
                         for i, k in T.grid(H - full_rows, count):
                             with T.sblock("stage_out_rows_tail"):
                                 vi, vk = T.axis.remap("SS", [i, k])
@@ -1390,6 +1390,9 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                         # column of the predecessor (step - 1, clamped at 0: a segment start never uses it)
                         pred_col = T.meta_var(lambda m: (W - 1 - T.max(step(m) - 1, 0)) if reversed_ else T.max(step(m) - 1, 0))
                         mem = T.meta_var(lambda k0: col(k0) if reversed_ else col(k0 + V - 1))
+                        # the blocks of a row of the tile in ascending memory order (l2r visits its
+                        # columns right to left; descending reads are slower, see _column_tile_planes)
+                        ascending = T.meta_var(lambda kb, blocks: kb if reversed_ else blocks - 1 - kb)
                         full_rows = T.meta_var(H // V * V)
                         full_cols = T.meta_var(count // V * V)
                         # visits whose step has a predecessor (step >= 1): whole 8-blocks of them read h unclamped
@@ -1407,9 +1410,10 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("stage_weights_8x8"):
                                 vib, vkb = T.axis.remap("SS", [ib, kb])
-                                stage_block(gls, gl, vb, vg, vib * V, vkb * V, mem(vkb * V))
-                                stage_block(gms, gm, vb, vg, vib * V, vkb * V, mem(vkb * V))
-                                stage_block(grs, gr, vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                kblock = T.meta_var(ascending(vkb, count // V))
+                                stage_block(gls, gl, vb, vg, vib * V, kblock * V, mem(kblock * V))
+                                stage_block(gms, gm, vb, vg, vib * V, kblock * V, mem(kblock * V))
+                                stage_block(grs, gr, vb, vg, vib * V, kblock * V, mem(kblock * V))
                         for i, m in T.grid(H - full_rows, count):
                             with T.sblock("stage_weights_rows_tail"):
                                 vi, vm = T.axis.remap("SS", [i, m])
@@ -1433,13 +1437,15 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                 for ib, kb in T.grid(H // V, count // V):
                                     with T.sblock("stage_in_8x8"):
                                         vib, vkb = T.axis.remap("SS", [ib, kb])
-                                        stage_block(ghs, gh, vb, vc, vib * V, vkb * V, mem(vkb * V))
-                                        stage_block(xs, x, vb, vc, vib * V, vkb * V, mem(vkb * V))
-                                        stage_block(lams, lam, vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                        kblock = T.meta_var(ascending(vkb, count // V))
+                                        stage_block(ghs, gh, vb, vc, vib * V, kblock * V, mem(kblock * V))
+                                        stage_block(xs, x, vb, vc, vib * V, kblock * V, mem(kblock * V))
+                                        stage_block(lams, lam, vb, vc, vib * V, kblock * V, mem(kblock * V))
                                 for ib, kb in T.grid(H // V, full_pred // V):
                                     with T.sblock("stage_predecessor_8x8"):
                                         vib, vkb = T.axis.remap("SS", [ib, kb])
-                                        stage_block(hps, h, vb, vc, vib * V, vkb * V, mem(vkb * V) + shift)
+                                        kblock = T.meta_var(ascending(vkb, full_pred // V))
+                                        stage_block(hps, h, vb, vc, vib * V, kblock * V, mem(kblock * V) + shift)
                                 for i, m in T.grid(H - full_rows, count):
                                     with T.sblock("stage_in_rows_tail"):
                                         vi, vm = T.axis.remap("SS", [i, m])
@@ -1500,8 +1506,9 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                 for ib, kb in T.grid(H // V, count // V):
                                     with T.sblock("stage_out_8x8"):
                                         vib, vkb = T.axis.remap("SS", [ib, kb])
-                                        store_block(dx, dxs, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
-                                        store_block(dlam, dlams, (), vb, vc, vib * V, vkb * V, mem(vkb * V))
+                                        kblock = T.meta_var(ascending(vkb, count // V))
+                                        store_block(dx, dxs, (), vb, vc, vib * V, kblock * V, mem(kblock * V))
+                                        store_block(dlam, dlams, (), vb, vc, vib * V, kblock * V, mem(kblock * V))
                                 for i, m in T.grid(H - full_rows, count):
                                     with T.sblock("stage_out_rows_tail"):
                                         vi, vm = T.axis.remap("SS", [i, m])
@@ -1515,9 +1522,10 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                         for ib, kb in T.grid(H // V, count // V):
                             with T.sblock("store_weight_grad_8x8"):
                                 vib, vkb = T.axis.remap("SS", [ib, kb])
-                                store_block(dgl, wgrad, (0,), vb, vg, vib * V, vkb * V, mem(vkb * V))
-                                store_block(dgm, wgrad, (1,), vb, vg, vib * V, vkb * V, mem(vkb * V))
-                                store_block(dgr, wgrad, (2,), vb, vg, vib * V, vkb * V, mem(vkb * V))
+                                kblock = T.meta_var(ascending(vkb, count // V))
+                                store_block(dgl, wgrad, (0,), vb, vg, vib * V, kblock * V, mem(kblock * V))
+                                store_block(dgm, wgrad, (1,), vb, vg, vib * V, kblock * V, mem(kblock * V))
+                                store_block(dgr, wgrad, (2,), vb, vg, vib * V, kblock * V, mem(kblock * V))
                         for i, m in T.grid(H - full_rows, count):
                             with T.sblock("store_weight_grad_rows_tail"):
                                 vi, vm = T.axis.remap("SS", [i, m])
