@@ -34,7 +34,7 @@ def compile_rows(dtype: str = "float32") -> list[dict]:
                 os.environ.pop("GSPN_CACHE_DIR", None)
             else:
                 os.environ["GSPN_CACHE_DIR"] = saved
-    case = f"TVM CPU scan library ({dtype}, 8 functions)"
+    case = f"TVM CPU scan library ({dtype}, {len(build.function_names('scan', 'cpu'))} functions)"
     return [row("compile", case, "first use (compile + cache)", first, dtype=dtype),
             row("compile", case, "cached load", cached, dtype=dtype)]  # fmt: skip
 
