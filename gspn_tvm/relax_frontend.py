@@ -269,12 +269,12 @@ class ScanEmitter:
         return self.target.kind.name == "llvm" and None not in sizes and cpu.lanes_serve(direction, *sizes)
 
     def _projected_serve(self, x_type) -> bool:
-        """Whether the CPU lane kernel that projects its inputs serves a scan of ``x_type`` (static
-        channels and plane, :func:`gspn_tvm.schedules.cpu.projected_lanes_serve`)."""
+        """Whether the CPU lane kernel that projects its inputs serves a scan of ``x_type``: its channel
+        count is static (:func:`gspn_tvm.schedules.cpu.projected_lanes_serve`; any plane size)."""
         from .schedules import cpu
 
-        sizes = [int(v) if isinstance(v, tirx.IntImm) else None for v in x_type.shape.values[1:]]
-        return self.target.kind.name == "llvm" and None not in sizes and cpu.projected_lanes_serve(*sizes)
+        channels = x_type.shape.values[1]
+        return self.target.kind.name == "llvm" and isinstance(channels, tirx.IntImm) and cpu.projected_lanes_serve(int(channels))
 
     def _packed_logits(self, bb: relax.BlockBuilder, logits: Sequence[relax.Expr]) -> relax.Expr | None:
         """``w`` where the logits ``al, am, ar`` are the three outputs, in order, of ``split(w, 3,

@@ -98,14 +98,13 @@ def test_lane_kernel_choice(direction, C, H, W, served):
     assert cpu.lanes_serve(direction, C, H, W) is served
 
 
-@pytest.mark.parametrize(("C", "H", "W", "served"), [(576, 56, 56, True), (64, 64, 64, True), (64, 65, 64, False),
-                                                      (24, 7, 7, False), (4608, 7, 7, True)])
-def test_projected_lane_kernel_choice(C, H, W, served):
-    """The projecting lane kernel (Relax, GSPN-T's mixers) takes planes up to 64 x 64 elements: it
-    reads one input instead of seven, so it pays beyond the plain lane kernel's 1600."""
+@pytest.mark.parametrize(("C", "served"), [(576, True), (64, True), (24, False), (4608, True)])
+def test_projected_lane_kernel_choice(C, served):
+    """The projecting lane kernel (Relax, GSPN-T's mixers) takes any channel count divisible by 16, at
+    any plane size (it reads one input instead of seven and never writes the projections)."""
     from gspn_tvm.schedules import cpu
 
-    assert cpu.projected_lanes_serve(C, H, W) is served
+    assert cpu.projected_lanes_serve(C) is served
 
 
 def test_operator_autograd_runs_tvm(tvm_enabled, monkeypatch):
