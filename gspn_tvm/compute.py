@@ -330,6 +330,38 @@ def fused_scan_forward(direction: str, dtype: str, packed_logits: bool = False):
     return _fused_func(dtype, _row_planes(direction, dtype, True), fused_forward_name(direction), packed_logits)
 
 
+def _backward_func(dtype: str, body, symbol: str):
+    """The PrimFunc of an adjoint around the body macro ``body`` (arguments of
+    :func:`scan_backward`): the buffers, the checks every adjoint makes, then ``body(gh, x, lam, gl,
+    gm, gr, h, dx, dlam, dgl, dgm, dgr, B, C, G, H, W, chk)``."""
+
+    @T.prim_func(s_tir=True)
+    def backward(gh_handle: T.handle, x_handle: T.handle, lam_handle: T.handle, gl_handle: T.handle,
+                 gm_handle: T.handle, gr_handle: T.handle, h_handle: T.handle, dx_handle: T.handle,
+                 dlam_handle: T.handle, dgl_handle: T.handle, dgm_handle: T.handle, dgr_handle: T.handle,
+                 chunk: T.int64):  # fmt: skip
+        T.func_attr({"tir.noalias": True})
+        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        gh = T.match_buffer(gh_handle, (B, C, H, W), dtype)
+        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
+        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
+        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
+        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
+        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
+        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
+        dx = T.match_buffer(dx_handle, (B, C, H, W), dtype)
+        dlam = T.match_buffer(dlam_handle, (B, C, H, W), dtype)
+        dgl = T.match_buffer(dgl_handle, (B, G, H, W), dtype)
+        dgm = T.match_buffer(dgm_handle, (B, G, H, W), dtype)
+        dgr = T.match_buffer(dgr_handle, (B, G, H, W), dtype)
+        chk = T.meta_var(T.Cast("int64", chunk))  # int64 even where a caller binds chunk to a constant
+        assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
+        assert chk >= 0, "chunk: expected an int >= 0"
+        body(gh, x, lam, gl, gm, gr, h, dx, dlam, dgl, dgm, dgr, B, C, G, H, W, chk)
+
+    return backward.with_attr("global_symbol", symbol)
+
+
 def scan_backward(direction: str, dtype: str):
     """Adjoint scan along ``direction``: ``(dx, dlam, dgl, dgm, dgr)`` from ``gh`` and the forward ``h``.
 
@@ -348,40 +380,9 @@ def scan_backward(direction: str, dtype: str):
     """
     assert direction in DIRECTIONS, direction
 
-    @T.prim_func(s_tir=True)
-    def backward(
-        gh_handle: T.handle,
-        x_handle: T.handle,
-        lam_handle: T.handle,
-        gl_handle: T.handle,
-        gm_handle: T.handle,
-        gr_handle: T.handle,
-        h_handle: T.handle,
-        dx_handle: T.handle,
-        dlam_handle: T.handle,
-        dgl_handle: T.handle,
-        dgm_handle: T.handle,
-        dgr_handle: T.handle,
-        chunk: T.int64,
-    ):
-        T.func_attr({"tir.noalias": True})
-        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        gh = T.match_buffer(gh_handle, (B, C, H, W), dtype)
-        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
-        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
-        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
-        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
-        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
-        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
-        dx = T.match_buffer(dx_handle, (B, C, H, W), dtype)
-        dlam = T.match_buffer(dlam_handle, (B, C, H, W), dtype)
-        dgl = T.match_buffer(dgl_handle, (B, G, H, W), dtype)
-        dgm = T.match_buffer(dgm_handle, (B, G, H, W), dtype)
-        dgr = T.match_buffer(dgr_handle, (B, G, H, W), dtype)
+    @T.macro
+    def body(gh, x, lam, gl, gm, gr, h, dx, dlam, dgl, dgm, dgr, B, C, G, H, W, chk):
         n_lines, length = T.meta_var(_line_geometry(direction, H, W))
-        chk = T.meta_var(T.Cast("int64", chunk))
-        assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
-        assert chk >= 0, "chunk: expected an int >= 0"
         group_size = T.meta_var(C // G)
         for b, g in T.grid(B, G):
             with T.sblock("slice"):
@@ -486,7 +487,7 @@ def scan_backward(direction: str, dtype: str):
                                 dgm[vb, vg, i, j] = T.Cast(dtype, weight_grad[1, vp])
                                 dgr[vb, vg, i, j] = T.Cast(dtype, weight_grad[2, vp])
 
-    return backward.with_attr("global_symbol", backward_name(direction))
+    return _backward_func(dtype, body, backward_name(direction))
 
 
 # --- CPU column scans: the tiles written into the TensorIR ------------------------------------------
@@ -809,12 +810,12 @@ def _zero64():
 
 
 def _lane_copies(dtype):
-    """``(stage, unstage)``: macros moving 8 flat elements of ``V`` planes (lanes ``l0 .. l0 + 7``)
-    between a ``(B, C, H, W)`` tensor and a staged ``(H * W, LANES)`` float32 buffer, through an 8x8
-    register transpose."""
+    """``(stage, unstage)``: macros moving 8 flat elements of the ``LANES`` planes of a task between a
+    ``(B, C, H, W)`` tensor and a staged ``(H * W, LANES)`` float32 buffer, one 8x8 register transpose
+    per half of the lanes."""
 
     @T.macro
-    def stage(dst, src, b, planes, e0, l0):
+    def stage_half(dst, src, b, planes, e0, l0):
         loads = T.meta_var([tvm.tirx.BufferLoad(src, [b, planes[lane], _zero64(), _ramp(e0)]) for lane in range(V)])
         columns = T.meta_var(_transpose(loads) if src.dtype == ACCUMULATION_DTYPE
                              else [tvm.tirx.Cast(f"{ACCUMULATION_DTYPE}x{V}", c) for c in _transpose(loads)])  # fmt: skip
@@ -828,7 +829,7 @@ def _lane_copies(dtype):
         dst[e0 + 7, T.ramp(l0, 1, V)] = columns[7]
 
     @T.macro
-    def unstage(dst, staged, b, c0, e0, l0):
+    def unstage_half(dst, staged, b, c0, e0, l0):
         loaded = T.meta_var([tvm.tirx.BufferLoad(staged, [e0 + k, _ramp(l0)]) for k in range(V)])
         # converted before the shuffles (see _block_rows)
         rows = T.meta_var(_transpose(loaded if dtype == ACCUMULATION_DTYPE else [tvm.tirx.Cast(f"{dtype}x{V}", c) for c in loaded]))
@@ -840,6 +841,17 @@ def _lane_copies(dtype):
         dst[b, c0 + l0 + 5, 0, T.ramp(e0, 1, V)] = rows[5]
         dst[b, c0 + l0 + 6, 0, T.ramp(e0, 1, V)] = rows[6]
         dst[b, c0 + l0 + 7, 0, T.ramp(e0, 1, V)] = rows[7]
+
+    @T.macro
+    def stage(dst, src, b, planes, e0):
+        # ``planes``: the planes of lanes 0-7 and of lanes 8-15
+        stage_half(dst, src, b, planes[0], e0, T.int64(0))
+        stage_half(dst, src, b, planes[1], e0, T.int64(V))
+
+    @T.macro
+    def unstage(dst, staged, b, c0, e0):
+        unstage_half(dst, staged, b, c0, e0, T.int64(0))
+        unstage_half(dst, staged, b, c0, e0, T.int64(V))
 
     return stage, unstage
 
@@ -907,8 +919,7 @@ def _lane_scan(direction: str, dtype: str, fused: bool):
             for eb in range(n // V):
                 with T.sblock("lanes_stage_out_8x8"):
                     veb = T.axis.spatial(n // V, eb)
-                    unstage(out, result, vb, c0, veb * V, T.int64(0))
-                    unstage(out, result, vb, c0, veb * V, T.int64(V))
+                    unstage(out, result, vb, c0, veb * V)
             for e, lane in T.grid(n - full, LANES):
                 with T.sblock("lanes_stage_out_tail"):
                     ve, vl = T.axis.remap("SS", [e, lane])
@@ -959,21 +970,14 @@ def _lane_planes(direction: str, dtype: str, fused: bool):
                 for eb in range(n // V):
                     with T.sblock("lanes_stage_in_8x8"):
                         veb = T.axis.spatial(n // V, eb)
-                        stage(xs, x, vb, channel[0], veb * V, T.int64(0))
-                        stage(xs, x, vb, channel[1], veb * V, T.int64(V))
-                        stage(lams, lam, vb, channel[0], veb * V, T.int64(0))
-                        stage(lams, lam, vb, channel[1], veb * V, T.int64(V))
-                        stage(wls, wl, vb, group[0], veb * V, T.int64(0))
-                        stage(wls, wl, vb, group[1], veb * V, T.int64(V))
-                        stage(wms, wm, vb, group[0], veb * V, T.int64(0))
-                        stage(wms, wm, vb, group[1], veb * V, T.int64(V))
-                        stage(wrs, wr, vb, group[0], veb * V, T.int64(0))
-                        stage(wrs, wr, vb, group[1], veb * V, T.int64(V))
+                        stage(xs, x, vb, channel, veb * V)
+                        stage(lams, lam, vb, channel, veb * V)
+                        stage(wls, wl, vb, group, veb * V)
+                        stage(wms, wm, vb, group, veb * V)
+                        stage(wrs, wr, vb, group, veb * V)
                         if fused:
-                            stage(gates, gate, vb, channel[0], veb * V, T.int64(0))
-                            stage(gates, gate, vb, channel[1], veb * V, T.int64(V))
-                            stage(skips, skip, vb, channel[0], veb * V, T.int64(0))
-                            stage(skips, skip, vb, channel[1], veb * V, T.int64(V))
+                            stage(gates, gate, vb, channel, veb * V)
+                            stage(skips, skip, vb, channel, veb * V)
                 for e, lane in T.grid(n - full, LANES):
                     with T.sblock("lanes_stage_in_tail"):
                         ve, vl = T.axis.remap("SS", [e, lane])
@@ -1038,8 +1042,7 @@ def _projected_lane_planes(direction: str, dtype: str, S: int):
                 for eb in range(n // V):
                     with T.sblock("lanes_stage_in_8x8"):
                         veb = T.axis.spatial(n // V, eb)
-                        stage(xs, u, vb, channel[0], veb * V, T.int64(0))
-                        stage(xs, u, vb, channel[1], veb * V, T.int64(V))
+                        stage(xs, u, vb, channel, veb * V)
                 for e, lane in T.grid(n - full, LANES):
                     with T.sblock("lanes_stage_in_tail"):
                         ve, vl = T.axis.remap("SS", [e, lane])
@@ -1128,32 +1131,13 @@ def scan_backward_lanes(direction: str, dtype: str):
     f32 = ACCUMULATION_DTYPE
     stage, unstage = _lane_copies(dtype)
 
-    @T.prim_func(s_tir=True)
-    def backward(gh_handle: T.handle, x_handle: T.handle, lam_handle: T.handle, gl_handle: T.handle,
-                 gm_handle: T.handle, gr_handle: T.handle, h_handle: T.handle, dx_handle: T.handle,
-                 dlam_handle: T.handle, dgl_handle: T.handle, dgm_handle: T.handle, dgr_handle: T.handle,
-                 chunk: T.int64):  # fmt: skip
-        T.func_attr({"tir.noalias": True})
-        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        gh = T.match_buffer(gh_handle, (B, C, H, W), dtype)
-        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
-        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
-        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
-        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
-        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
-        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
-        dx = T.match_buffer(dx_handle, (B, C, H, W), dtype)
-        dlam = T.match_buffer(dlam_handle, (B, C, H, W), dtype)
-        dgl = T.match_buffer(dgl_handle, (B, G, H, W), dtype)
-        dgm = T.match_buffer(dgm_handle, (B, G, H, W), dtype)
-        dgr = T.match_buffer(dgr_handle, (B, G, H, W), dtype)
+    @T.macro
+    def body(gh, x, lam, gl, gm, gr, h, dx, dlam, dgl, dgm, dgr, B, C, G, H, W, chk):
         n_lines, length = T.meta_var(_line_geometry(direction, H, W))
         n = T.meta_var(H * W)
         full = T.meta_var(n // V * V)
-        chk = T.meta_var(T.Cast("int64", chunk))
         assert G == C, "gl: the lane adjoint takes one weight group per channel"
         assert C % LANES == 0, "x: expected a channel count divisible by 16 (the lane kernel)"
-        assert chk >= 0, "chunk: expected an int >= 0"
         for b, cb in T.grid(B, C // LANES):
             with T.sblock("lanes"):
                 vb, vcb = T.axis.remap("SS", [b, cb])
@@ -1183,20 +1167,13 @@ def scan_backward_lanes(direction: str, dtype: str):
                 for eb in range(n // V):
                     with T.sblock("lanes_stage_in_8x8"):
                         veb = T.axis.spatial(n // V, eb)
-                        stage(ghs, gh, vb, channel[0], veb * V, T.int64(0))
-                        stage(ghs, gh, vb, channel[1], veb * V, T.int64(V))
-                        stage(xs, x, vb, channel[0], veb * V, T.int64(0))
-                        stage(xs, x, vb, channel[1], veb * V, T.int64(V))
-                        stage(lams, lam, vb, channel[0], veb * V, T.int64(0))
-                        stage(lams, lam, vb, channel[1], veb * V, T.int64(V))
-                        stage(gls, gl, vb, channel[0], veb * V, T.int64(0))
-                        stage(gls, gl, vb, channel[1], veb * V, T.int64(V))
-                        stage(gms, gm, vb, channel[0], veb * V, T.int64(0))
-                        stage(gms, gm, vb, channel[1], veb * V, T.int64(V))
-                        stage(grs, gr, vb, channel[0], veb * V, T.int64(0))
-                        stage(grs, gr, vb, channel[1], veb * V, T.int64(V))
-                        stage(hs, h, vb, channel[0], veb * V, T.int64(0))
-                        stage(hs, h, vb, channel[1], veb * V, T.int64(V))
+                        stage(ghs, gh, vb, channel, veb * V)
+                        stage(xs, x, vb, channel, veb * V)
+                        stage(lams, lam, vb, channel, veb * V)
+                        stage(gls, gl, vb, channel, veb * V)
+                        stage(gms, gm, vb, channel, veb * V)
+                        stage(grs, gr, vb, channel, veb * V)
+                        stage(hs, h, vb, channel, veb * V)
                 for e, lane in T.grid(n - full, LANES):
                     with T.sblock("lanes_stage_in_tail"):
                         ve, vl = T.axis.remap("SS", [e, lane])
@@ -1259,16 +1236,11 @@ def scan_backward_lanes(direction: str, dtype: str):
                     for eb in range(n // V):
                         with T.sblock("lanes_stage_out_8x8"):
                             veb = T.axis.spatial(n // V, eb)
-                            unstage(dx, dxs, vb, c0, veb * V, T.int64(0))
-                            unstage(dx, dxs, vb, c0, veb * V, T.int64(V))
-                            unstage(dlam, dlams, vb, c0, veb * V, T.int64(0))
-                            unstage(dlam, dlams, vb, c0, veb * V, T.int64(V))
-                            unstage(dgl, dgls, vb, c0, veb * V, T.int64(0))
-                            unstage(dgl, dgls, vb, c0, veb * V, T.int64(V))
-                            unstage(dgm, dgms, vb, c0, veb * V, T.int64(0))
-                            unstage(dgm, dgms, vb, c0, veb * V, T.int64(V))
-                            unstage(dgr, dgrs, vb, c0, veb * V, T.int64(0))
-                            unstage(dgr, dgrs, vb, c0, veb * V, T.int64(V))
+                            unstage(dx, dxs, vb, c0, veb * V)
+                            unstage(dlam, dlams, vb, c0, veb * V)
+                            unstage(dgl, dgls, vb, c0, veb * V)
+                            unstage(dgm, dgms, vb, c0, veb * V)
+                            unstage(dgr, dgrs, vb, c0, veb * V)
                     for e, lane in T.grid(n - full, LANES):
                         with T.sblock("lanes_stage_out_tail"):
                             ve, vl = T.axis.remap("SS", [e, lane])
@@ -1279,7 +1251,7 @@ def scan_backward_lanes(direction: str, dtype: str):
                             dgm[vb, c0 + vl, i, j] = T.Cast(dtype, dgms[full + ve, vl])
                             dgr[vb, c0 + vl, i, j] = T.Cast(dtype, dgrs[full + ve, vl])
 
-    return backward.with_attr("global_symbol", lanes_name(backward_name(direction)))
+    return _backward_func(dtype, body, lanes_name(backward_name(direction)))
 
 
 def scan_forward_lanes(direction: str, dtype: str):
@@ -1330,39 +1302,8 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
     stage_block, store_block = _tile_copies((lambda e: e) if reversed_ else (lambda e: V - 1 - e), dtype)
     shift = 1 if reversed_ else -1  # predecessor column - column
 
-    @T.prim_func(s_tir=True)
-    def backward(
-        gh_handle: T.handle,
-        x_handle: T.handle,
-        lam_handle: T.handle,
-        gl_handle: T.handle,
-        gm_handle: T.handle,
-        gr_handle: T.handle,
-        h_handle: T.handle,
-        dx_handle: T.handle,
-        dlam_handle: T.handle,
-        dgl_handle: T.handle,
-        dgm_handle: T.handle,
-        dgr_handle: T.handle,
-        chunk: T.int64,
-    ):
-        T.func_attr({"tir.noalias": True})
-        B, C, G, H, W = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        gh = T.match_buffer(gh_handle, (B, C, H, W), dtype)
-        x = T.match_buffer(x_handle, (B, C, H, W), dtype)
-        lam = T.match_buffer(lam_handle, (B, C, H, W), dtype)
-        gl = T.match_buffer(gl_handle, (B, G, H, W), dtype)
-        gm = T.match_buffer(gm_handle, (B, G, H, W), dtype)
-        gr = T.match_buffer(gr_handle, (B, G, H, W), dtype)
-        h = T.match_buffer(h_handle, (B, C, H, W), dtype)
-        dx = T.match_buffer(dx_handle, (B, C, H, W), dtype)
-        dlam = T.match_buffer(dlam_handle, (B, C, H, W), dtype)
-        dgl = T.match_buffer(dgl_handle, (B, G, H, W), dtype)
-        dgm = T.match_buffer(dgm_handle, (B, G, H, W), dtype)
-        dgr = T.match_buffer(dgr_handle, (B, G, H, W), dtype)
-        chk = T.meta_var(T.Cast("int64", chunk))
-        assert G >= 1 and G <= C and C % G == 0, "gl: expected a group count G that divides C"
-        assert chk >= 0, "chunk: expected an int >= 0"
+    @T.macro
+    def body(gh, x, lam, gl, gm, gr, h, dx, dlam, dgl, dgm, dgr, B, C, G, H, W, chk):
         group_size = T.meta_var(C // G)
         n_tiles = T.meta_var((W + (tile - 1)) // tile)
         for b, g in T.grid(B, G):
@@ -1539,4 +1480,4 @@ def scan_backward_column_tiles(direction: str, dtype: str, tile: int):
                                 dgm[vb, vg, vi, col(full_cols + vm)] = T.Cast(dtype, wgrad[1, full_cols + vm, vi])
                                 dgr[vb, vg, vi, col(full_cols + vm)] = T.Cast(dtype, wgrad[2, full_cols + vm, vi])
 
-    return backward.with_attr("global_symbol", backward_name(direction))
+    return _backward_func(dtype, body, backward_name(direction))
