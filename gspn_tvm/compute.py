@@ -45,7 +45,7 @@ def fused_forward_name(direction: str) -> str:
 
 
 def lanes_name(symbol: str) -> str:
-    """Symbol of the small-plane (channels as vector lanes) variant of the forward ``symbol``."""
+    """Symbol of the small-plane (channels as vector lanes) variant of the kernel ``symbol``."""
     return f"{symbol}_lanes"
 
 
@@ -516,7 +516,7 @@ TILE_PAD = 16
 #: 3.6 -> 2.9 ms, fused 7.0 -> 5.5 ms); a larger plane would evict the tiles it is working on.
 PREFETCH_PLANE_ELEMENTS = 4096
 
-#: Elements per prefetched cache line (64 bytes of float32; for 16-bit dtypes every other line).
+#: Elements per prefetch: a 64-byte cache line of float32 (16-bit dtypes prefetch each line twice).
 PREFETCH_STRIDE = 16
 
 
@@ -556,10 +556,10 @@ def _ramp(base):
     return Ramp(base, tvm.tirx.const(1, "int64"), V)
 
 
-def _block_columns(src, prefix, i0, j0):
-    """Columns ``e`` (float32 vectors over rows ``i0 .. i0 + 7``) of ``src[*prefix, i0:i0+8, j0:j0+8]``
-    (transposed in ``src``'s dtype, then converted: see :func:`_block_rows`)."""
-    columns = _transpose([tvm.tirx.BufferLoad(src, [*prefix, i0 + a, _ramp(j0)]) for a in range(V)])
+def _block_columns(src, rows, j0):
+    """Columns ``e`` (float32 vectors over the 8 rows) of the 8x8 block whose row ``a`` is
+    ``src[*rows[a], j0:j0+8]`` (transposed in ``src``'s dtype, then converted: see :func:`_block_rows`)."""
+    columns = _transpose([tvm.tirx.BufferLoad(src, [*row, _ramp(j0)]) for row in rows])
     return columns if src.dtype == ACCUMULATION_DTYPE else [tvm.tirx.Cast(f"{ACCUMULATION_DTYPE}x{V}", c) for c in columns]
 
 
@@ -583,7 +583,7 @@ def _tile_copies(lane, dtype):
 
     @T.macro
     def stage_block(dst, src, b, c, i0, k0, mem0):
-        columns = T.meta_var(_block_columns(src, (b, c), i0, mem0))
+        columns = T.meta_var(_block_columns(src, [(b, c, i0 + a) for a in range(V)], mem0))
         dst[k0 + lane(0), T.ramp(i0, 1, V)] = columns[0]
         dst[k0 + lane(1), T.ramp(i0, 1, V)] = columns[1]
         dst[k0 + lane(2), T.ramp(i0, 1, V)] = columns[2]
@@ -809,6 +809,12 @@ def _zero64():
     return tvm.tirx.const(0, "int64")
 
 
+def _lane_halves(c0, plane_of=lambda c: c):
+    """The planes of a task's two halves of lanes (``plane_of`` its channels ``c0 .. c0 + 15``; a
+    half is staged by one 8x8 transpose)."""
+    return [[plane_of(c0 + half * V + lane) for lane in range(V)] for half in range(LANES // V)]
+
+
 def _lane_copies(dtype):
     """``(stage, unstage)``: macros moving 8 flat elements of the ``LANES`` planes of a task between a
     ``(B, C, H, W)`` tensor and a staged ``(H * W, LANES)`` float32 buffer, one 8x8 register transpose
@@ -816,9 +822,7 @@ def _lane_copies(dtype):
 
     @T.macro
     def stage_half(dst, src, b, planes, e0, l0):
-        loads = T.meta_var([tvm.tirx.BufferLoad(src, [b, planes[lane], _zero64(), _ramp(e0)]) for lane in range(V)])
-        columns = T.meta_var(_transpose(loads) if src.dtype == ACCUMULATION_DTYPE
-                             else [tvm.tirx.Cast(f"{ACCUMULATION_DTYPE}x{V}", c) for c in _transpose(loads)])  # fmt: skip
+        columns = T.meta_var(_block_columns(src, [(b, plane, _zero64()) for plane in planes], e0))
         dst[e0 + 0, T.ramp(l0, 1, V)] = columns[0]
         dst[e0 + 1, T.ramp(l0, 1, V)] = columns[1]
         dst[e0 + 2, T.ramp(l0, 1, V)] = columns[2]
@@ -830,9 +834,7 @@ def _lane_copies(dtype):
 
     @T.macro
     def unstage_half(dst, staged, b, c0, e0, l0):
-        loaded = T.meta_var([tvm.tirx.BufferLoad(staged, [e0 + k, _ramp(l0)]) for k in range(V)])
-        # converted before the shuffles (see _block_rows)
-        rows = T.meta_var(_transpose(loaded if dtype == ACCUMULATION_DTYPE else [tvm.tirx.Cast(f"{dtype}x{V}", c) for c in loaded]))
+        rows = T.meta_var(_block_rows(staged, (), lambda k: e0 + k, l0, dtype))
         dst[b, c0 + l0 + 0, 0, T.ramp(e0, 1, V)] = rows[0]
         dst[b, c0 + l0 + 1, 0, T.ramp(e0, 1, V)] = rows[1]
         dst[b, c0 + l0 + 2, 0, T.ramp(e0, 1, V)] = rows[2]
@@ -859,7 +861,6 @@ def _lane_copies(dtype):
 def _lane_scan(direction: str, dtype: str, fused: bool):
     """Macro of what a lane task does once its inputs are staged: the lines (``clear``, then per scan
     step ``step``, ``ends``, ``carry``, ``emit``), the fused output (``gate``) and the copy out."""
-    f32 = ACCUMULATION_DTYPE
     _, unstage = _lane_copies(dtype)
 
     @T.macro
@@ -953,9 +954,8 @@ def _lane_planes(direction: str, dtype: str, fused: bool):
                     T.reads(x[vb, c0:c0 + LANES, 0:H, 0:W], lam[vb, c0:c0 + LANES, 0:H, 0:W], wl[vb, 0:G, 0:H, 0:W],
                             wm[vb, 0:G, 0:H, 0:W], wr[vb, 0:G, 0:H, 0:W])  # fmt: skip
                 T.writes(out[vb, c0:c0 + LANES, 0:H, 0:W])
-                # the planes of each half of the lanes (staged by one 8x8 transpose each)
-                group = T.meta_var([[(c0 + h * V + lane) // (C // G) for lane in range(V)] for h in range(2)])
-                channel = T.meta_var([[c0 + h * V + lane for lane in range(V)] for h in range(2)])
+                group = T.meta_var(_lane_halves(c0, lambda c: c // (C // G)))
+                channel = T.meta_var(_lane_halves(c0))
                 xs = T.sblock_alloc_buffer((n, LANES), f32)
                 lams = T.sblock_alloc_buffer((n, LANES), f32)
                 wls = T.sblock_alloc_buffer((n, LANES), f32)
@@ -1026,7 +1026,7 @@ def _projected_lane_planes(direction: str, dtype: str, S: int):
                 T.reads(u[vb, c0:c0 + LANES, 0:H, 0:W], proxy[vb, 0:S, 0:H, 0:W], w_lam[c0:c0 + LANES, 0:S, 0, 0],
                         w_logits[0:3 * G, 0:S, 0, 0], w_gate[c0:c0 + LANES, 0:S, 0, 0], w_skip[c0:c0 + LANES, 0:S, 0, 0])  # fmt: skip
                 T.writes(out[vb, c0:c0 + LANES, 0:H, 0:W])
-                channel = T.meta_var([[c0 + h * V + lane for lane in range(V)] for h in range(2)])
+                channel = T.meta_var(_lane_halves(c0))
                 xs = T.sblock_alloc_buffer((n, LANES), f32)
                 lams = T.sblock_alloc_buffer((n, LANES), f32)
                 wls = T.sblock_alloc_buffer((n, LANES), f32)
@@ -1147,7 +1147,7 @@ def scan_backward_lanes(direction: str, dtype: str):
                         h[vb, c0:c0 + LANES, 0:H, 0:W])  # fmt: skip
                 T.writes(dx[vb, c0:c0 + LANES, 0:H, 0:W], dlam[vb, c0:c0 + LANES, 0:H, 0:W], dgl[vb, c0:c0 + LANES, 0:H, 0:W],
                          dgm[vb, c0:c0 + LANES, 0:H, 0:W], dgr[vb, c0:c0 + LANES, 0:H, 0:W])  # fmt: skip
-                channel = T.meta_var([[c0 + half * V + lane for lane in range(V)] for half in range(2)])
+                channel = T.meta_var(_lane_halves(c0))
                 ghs = T.sblock_alloc_buffer((n, LANES), f32)
                 xs = T.sblock_alloc_buffer((n, LANES), f32)
                 lams = T.sblock_alloc_buffer((n, LANES), f32)
