@@ -107,6 +107,15 @@ def _forward_symbol(symbol: str, direction: str, x: torch.Tensor) -> str:
     return symbol
 
 
+def _backward_symbol(direction: str, x: torch.Tensor, gl: torch.Tensor) -> str:
+    """The adjoint for ``x``: on CPU the lane adjoint where it serves (small planes, one weight group
+    per channel: :func:`cpu_schedule.backward_lanes_serve`), else the plane adjoint."""
+    symbol = compute.backward_name(direction)
+    if x.device.type == "cpu" and cpu_schedule.backward_lanes_serve(direction, x.shape[1], gl.shape[1], *x.shape[2:]):
+        return compute.lanes_name(symbol)
+    return symbol
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous()
 
@@ -140,10 +149,7 @@ def scan_backward(gh, x, lam, gl, gm, gr, h, direction: str, chunk: int):
         return gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction, chunk)
     gh, x, lam, gl, gm, gr, h = (_dense(t) for t in (gh, x, lam, gl, gm, gr, h))
     grads = tuple(torch.empty_like(t) for t in (x, lam, gl, gm, gr))
-    symbol = compute.backward_name(direction)
-    if x.device.type == "cpu" and gl.shape[1] == x.shape[1] and cpu_schedule.lanes_serve(direction, *x.shape[1:]):
-        symbol = compute.lanes_name(symbol)  # small planes, one weight group per channel
-    kernel = _compiled(symbol, x)
+    kernel = _compiled(_backward_symbol(direction, x, gl), x)
     kernel(gh, x, lam, gl, gm, gr, h, *grads, _kernel_chunk(chunk, direction, x))
     return grads
 

@@ -109,6 +109,9 @@ def _scan_runners(backend: str, calls: list[tuple]) -> list[Callable[[], object]
         return [lambda c=c: _KERNELS[c[0]][0](*c[1:]) for c in calls]
     if backend == "torch-tvm":
         return [lambda c=c: _KERNELS[c[0]][1](*c[1:]) for c in calls]
+    if backend not in ("ort-custom", "ort-portable"):
+        raise ValueError(f"backend: recorded scans run with torch or ONNX Runtime kernels; got {backend!r} "
+                         "(TVM Relax: relax_scan_seconds)")  # fmt: skip
     threads = torch.get_num_threads()
     runners = []
     for op, *tensors, direction, chunk in calls:
@@ -124,6 +127,16 @@ def _scan_runners(backend: str, calls: list[tuple]) -> list[Callable[[], object]
         feeds = feeds_of(*tensors)
         runners.append(lambda s=session, f=feeds: s.run(None, f))
     return runners
+
+
+def _scan_seconds(backend: str, calls: list[tuple], forward, x: torch.Tensor, repeat: int) -> float:
+    """Seconds of one forward pass's scans with ``backend``: the recorded ``calls`` timed alone with
+    its kernels, or (TVM Relax) the time inside the compiled program's scan kernels."""
+    if backend == "tvm-relax":
+        return relax_scan_seconds(forward.compiled, x, repeat)
+    runners = _scan_runners(backend, calls)
+    with gspn_tvm.enabled(backend == "torch-tvm"):
+        return sum(median_seconds(fn, repeat, 1) for fn in runners)
 
 
 def _prepare(backend: str, model, x, folder: Path) -> tuple[Callable[[], object], Path | None]:
@@ -239,12 +252,7 @@ def run(cases=None, quick: bool = False, backends=BACKENDS) -> list[dict]:
                     forward, artifact = _prepare(backend, model, x, Path(tmp))
                     prepare_s = time.perf_counter() - start
                     seconds = median_seconds(forward, repeat if backend != "torch-reference" else max(2, repeat // 3), 1)
-                    scan_runners = _scan_runners(backend, calls) if backend != "tvm-relax" else []
-                if backend == "tvm-relax":
-                    scan_s = relax_scan_seconds(forward.compiled, x, repeat)
-                else:
-                    with gspn_tvm.enabled(backend == "torch-tvm"):
-                        scan_s = sum(median_seconds(fn, repeat, 1) for fn in scan_runners)
+                scan_s = _scan_seconds(backend, calls, forward, x, repeat)
                 extra = {"scan_ms": round(scan_s * 1e3, 3), "scan_share": round(scan_s / seconds, 3),
                          "scans": len(calls), "prepare_s": round(prepare_s, 2)}  # fmt: skip
                 if case in PEAK_MEMORY_CASES:

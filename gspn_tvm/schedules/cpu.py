@@ -94,9 +94,9 @@ LANE_VECTOR_BLOCKS = ("clear", "step", "ends", "carry", "emit", "gate",
                       "clear_previous_h", "load_previous_h", "adjoint_step", "gradients", "flow")  # fmt: skip
 
 
-def _lane_forward(func):
-    """A lane kernel (:func:`gspn_tvm.compute.scan_forward_lanes`): parallel over its tasks, every
-    loop over the lanes one vector."""
+def _lane_kernel(func):
+    """A lane kernel (forward, fused or adjoint; :func:`gspn_tvm.compute.scan_forward_lanes`): parallel
+    over its tasks, every loop over the lanes of :data:`LANE_VECTOR_BLOCKS` one vector."""
     sch = s_tir.Schedule(func)
     for name in LANE_VECTOR_BLOCKS:
         try:
@@ -126,6 +126,13 @@ def lanes_serve(direction: str, C: int, H: int, W: int) -> bool:
     return is_column(direction) or (W < LANE_ROW_LIMIT and W % VECTOR_LANES != 0)
 
 
+def backward_lanes_serve(direction: str, C: int, G: int, H: int, W: int) -> bool:
+    """Whether the lane adjoint serves planes ``(H, W)`` of ``C`` channels and ``G`` weight groups:
+    where the lane forward does and each channel has its own weights (the lane adjoint keeps no
+    sum over a group's channels)."""
+    return G == C and lanes_serve(direction, C, H, W)
+
+
 def projected_lanes_serve(C: int) -> bool:
     """Whether the lane kernel that projects its inputs from a proxy serves a fused scan of ``C``
     channels, at any plane size (so also in models compiled for any size): it reads one tensor of
@@ -139,17 +146,17 @@ def projected_lanes_serve(C: int) -> bool:
 
 def schedule_backward_lanes(direction: str, dtype: str):
     """Scheduled lane adjoint (small planes, ``G == C``, ``C`` a multiple of ``LANES``)."""
-    return _lane_forward(scan_backward_lanes(direction, dtype))
+    return _lane_kernel(scan_backward_lanes(direction, dtype))
 
 
 def schedule_forward_lanes(direction: str, dtype: str):
     """Scheduled lane forward (small planes, ``C`` a multiple of ``LANES``; any direction)."""
-    return _lane_forward(scan_forward_lanes(direction, dtype))
+    return _lane_kernel(scan_forward_lanes(direction, dtype))
 
 
 def schedule_fused_forward_lanes(direction: str, dtype: str, packed_logits: bool = False):
     """Scheduled fused lane forward (see :func:`schedule_forward_lanes`)."""
-    return _lane_forward(fused_scan_forward_lanes(direction, dtype, packed_logits))
+    return _lane_kernel(fused_scan_forward_lanes(direction, dtype, packed_logits))
 
 
 def schedule_fused_forward_lanes_projected(direction: str, dtype: str, proxy_channels: int):
@@ -158,7 +165,7 @@ def schedule_fused_forward_lanes_projected(direction: str, dtype: str, proxy_cha
     as vectors too."""
     sch = s_tir.Schedule(fused_scan_forward_lanes_projected(direction, dtype, proxy_channels))
     sch.vectorize(sch.get_loops(sch.get_sblock("project"))[-1])
-    return _lane_forward(sch.mod["main"])
+    return _lane_kernel(sch.mod["main"])
 
 
 def schedule_forward(direction: str, dtype: str):
