@@ -148,7 +148,41 @@ def _output(fused: bool, h, u, gate, skip):
     return h * gate + u * skip if fused else h
 
 
-def _row_planes(direction: str, dtype: str, fused: bool):
+#: Elements per prefetch: a 64-byte cache line of float32 (16-bit dtypes prefetch each line twice).
+PREFETCH_STRIDE = 16
+
+
+#: Lines ahead (in visit order) that a CPU row kernel visiting rows bottom to top prefetches: the
+#: hardware prefetchers follow ascending streams, not the 7 to 12 descending ones of such a kernel
+#: (the forward ``b2t``, the adjoint of ``t2b``). Measured at 2 on the 2-core EPYC: 1 and 4 the same
+#: within noise, 8 worse.
+LINE_PREFETCH_AHEAD = 2
+
+
+def _descends(direction: str, adjoint: bool) -> bool:
+    """True when a row kernel visits rows bottom to top (descending addresses): the forward ``b2t``
+    and the adjoint of ``t2b`` (lines in reverse scan order)."""
+    return not is_column(direction) and is_reversed(direction) != adjoint
+
+
+def _prefetch_address(address, write: bool = False):
+    """A prefetch of ``address`` into every cache level, for reading or (``write``) for writing."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, T.int32(int(write)), T.int32(3), T.int32(1))
+
+
+def _prefetch_row(buffer, b, c, row, q, length, write: bool = False):
+    """Prefetch ``q`` of row ``row`` of plane ``buffer[b, c]``: element ``PREFETCH_STRIDE * q``,
+    clamped to the row's last one (``q`` up to :func:`_row_prefetches` covers a row at any
+    alignment)."""
+    return _prefetch_address(T.address_of(buffer[b, c, row, T.min(q * PREFETCH_STRIDE, length - 1)]), write)
+
+
+def _row_prefetches(length):
+    """Prefetches that cover a row of ``length`` elements wherever it starts in a cache line."""
+    return (length + (PREFETCH_STRIDE - 1)) // PREFETCH_STRIDE + 1
+
+
+def _row_planes(direction: str, dtype: str, fused: bool, stream_hints: bool = False):
     """Macro of the forward body for every direction, lines read in place (row scans on CPU, every
     scan on CUDA): ``plane`` per ``(b, c)``; inside it ``line`` per scan step ``s`` (sequential)
     holding ``step`` (new line into ``current``), ``ends`` (positions 0 and ``P - 1`` again, terms
@@ -156,13 +190,19 @@ def _row_planes(direction: str, dtype: str, fused: bool):
     output) per position ``p``. Every block writes one on-chip buffer at most, which keeps GPU barrier
     placement simple."""
     f32 = ACCUMULATION_DTYPE
+    descending = stream_hints and _descends(direction, adjoint=False)
 
     @T.macro
     def planes(x, lam, wl, wm, wr, gate, skip, out, B, C, G, H, W, chk):
         n_lines, length = T.meta_var(_line_geometry(direction, H, W))
         for b, c in T.grid(B, C):
             with T.sblock("plane"):
-                vb, vc = T.axis.remap("SS", [b, c])
+                if descending:
+                    # planes in descending order too: a thread's run of planes is one descending stream
+                    vb = T.axis.spatial(B, B - 1 - b)
+                    vc = T.axis.spatial(C, C - 1 - c)
+                else:
+                    vb, vc = T.axis.remap("SS", [b, c])
                 if fused:
                     T.reads(x[vb, vc, 0:H, 0:W], lam[vb, vc, 0:H, 0:W], wl[vb, 0:G, 0:H, 0:W], wm[vb, 0:G, 0:H, 0:W],
                             wr[vb, 0:G, 0:H, 0:W], gate[vb, vc, 0:H, 0:W], skip[vb, vc, 0:H, 0:W])  # fmt: skip
@@ -183,6 +223,20 @@ def _row_planes(direction: str, dtype: str, fused: bool):
                         vs = T.axis.opaque(n_lines, s)
                         line = T.meta_var(_line_of_step(direction, vs, n_lines))
                         restart = T.meta_var(_starts_segment(vs, chk))
+                        if descending:
+                            ahead = T.meta_var(_line_of_step(direction, T.min(vs + LINE_PREFETCH_AHEAD, n_lines - 1), n_lines))
+                            for q in range(_row_prefetches(length)):
+                                with T.sblock("prefetch_ahead"):
+                                    vq = T.axis.opaque(_row_prefetches(length), q)
+                                    T.evaluate(_prefetch_row(x, vb, vc, ahead, vq, length))
+                                    T.evaluate(_prefetch_row(lam, vb, vc, ahead, vq, length))
+                                    T.evaluate(_prefetch_row(wl, vb, vg, ahead, vq, length))
+                                    T.evaluate(_prefetch_row(wm, vb, vg, ahead, vq, length))
+                                    T.evaluate(_prefetch_row(wr, vb, vg, ahead, vq, length))
+                                    T.evaluate(_prefetch_row(out, vb, vc, ahead, vq, length, write=True))
+                                    if fused:
+                                        T.evaluate(_prefetch_row(gate, vb, vc, ahead, vq, length))
+                                        T.evaluate(_prefetch_row(skip, vb, vc, ahead, vq, length))
                         # Every position as if both neighbours existed (the halo is zero), a branch-free
                         # pass that vectorizes; then the two end positions again, with the terms that
                         # point outside the line selected to zero (their weights may be inf or NaN).
@@ -306,17 +360,20 @@ def _fused_func(dtype: str, planes, symbol: str, packed_logits: bool):
     return _forward_func(dtype, True, planes, symbol)
 
 
-def scan_forward(direction: str, dtype: str):
+def scan_forward(direction: str, dtype: str, stream_hints: bool = False):
     """Forward scan ``h = scan(x, lam, gl, gm, gr)`` along ``direction``, storage ``dtype``.
 
     Arguments: ``x, lam, h``: ``(B, C, H, W)``; ``gl, gm, gr``: ``(B, G, H, W)``; ``chunk``: int64 >= 0.
-    Blocks: see :func:`_row_planes`.
+    Blocks: see :func:`_row_planes`. ``stream_hints`` (CPU only: an LLVM intrinsic): where rows are
+    visited bottom to top (:func:`_descends`), the planes are visited in descending order too and
+    every line prefetches the one :data:`LINE_PREFETCH_AHEAD` steps ahead (``prefetch_ahead``).
     """
     assert direction in DIRECTIONS, direction
-    return _forward_func(dtype, False, _row_planes(direction, dtype, False), forward_name(direction))
+    planes = _row_planes(direction, dtype, False, stream_hints)
+    return _forward_func(dtype, False, planes, forward_name(direction))
 
 
-def fused_scan_forward(direction: str, dtype: str, packed_logits: bool = False):
+def fused_scan_forward(direction: str, dtype: str, packed_logits: bool = False, stream_hints: bool = False):
     """Fused forward ``y = scan(u, lam, normalize(al, am, ar)) * gate + u * skip`` along ``direction``.
 
     Arguments: ``u, lam, gate, skip, y``: ``(B, C, H, W)``; ``al, am, ar`` (weight logits):
@@ -325,9 +382,11 @@ def fused_scan_forward(direction: str, dtype: str, packed_logits: bool = False):
     the one tensor written, rounded once. ``packed_logits``: the logits come as one ``(B, 3 * G, H,
     W)`` tensor instead (arguments ``u, lam, logits, gate, skip, y, chunk``; symbol
     :func:`packed_logits_name`), so that a model's ``chunk(3, dim=1)`` of its projection is no copy.
+    ``stream_hints``: as in :func:`scan_forward`.
     """
     assert direction in DIRECTIONS, direction
-    return _fused_func(dtype, _row_planes(direction, dtype, True), fused_forward_name(direction), packed_logits)
+    planes = _row_planes(direction, dtype, True, stream_hints)
+    return _fused_func(dtype, planes, fused_forward_name(direction), packed_logits)
 
 
 def _backward_func(dtype: str, body, symbol: str):
@@ -362,7 +421,7 @@ def _backward_func(dtype: str, body, symbol: str):
     return backward.with_attr("global_symbol", symbol)
 
 
-def scan_backward(direction: str, dtype: str):
+def scan_backward(direction: str, dtype: str, stream_hints: bool = False):
     """Adjoint scan along ``direction``: ``(dx, dlam, dgl, dgm, dgr)`` from ``gh`` and the forward ``h``.
 
     Arguments: ``gh, x, lam, h, dx, dlam``: ``(B, C, H, W)``; ``gl, gm, gr, dgl, dgm, dgr``:
@@ -377,8 +436,13 @@ def scan_backward(direction: str, dtype: str):
     the weights that point outside the line (``gl`` at ``p = 0``, ``gr`` at ``p = P - 1``) land in
     ``flow`` slots that no position reads. The weight gradients are selected to zero where the
     neighbour is outside the line or the line starts a segment (SPEC section 4).
+
+    ``stream_hints``: as in :func:`scan_forward` (here the adjoint of ``t2b`` descends): slices in
+    descending order, and each line prefetches the 7 streams it reads and the 5 it writes
+    :data:`LINE_PREFETCH_AHEAD` lines ahead (``prefetch_slice_ahead``, ``prefetch_channel_ahead``).
     """
     assert direction in DIRECTIONS, direction
+    descending = stream_hints and _descends(direction, adjoint=True)
 
     @T.macro
     def body(gh, x, lam, gl, gm, gr, h, dx, dlam, dgl, dgm, dgr, B, C, G, H, W, chk):
@@ -386,7 +450,11 @@ def scan_backward(direction: str, dtype: str):
         group_size = T.meta_var(C // G)
         for b, g in T.grid(B, G):
             with T.sblock("slice"):
-                vb, vg = T.axis.remap("SS", [b, g])
+                if descending:
+                    vb = T.axis.spatial(B, B - 1 - b)
+                    vg = T.axis.spatial(G, G - 1 - g)
+                else:
+                    vb, vg = T.axis.remap("SS", [b, g])
                 channels = T.meta_var(slice(vg * group_size, vg * group_size + group_size))
                 T.reads(
                     gh[vb, channels, 0:H, 0:W],
@@ -428,11 +496,32 @@ def scan_backward(direction: str, dtype: str):
                         pred = T.meta_var(_line_of_step(direction, T.max(vs - 1, 0), n_lines))
                         no_successor = T.meta_var(T.Or(vs + 1 >= n_lines, _starts_segment(vs + 1, chk)))
                         restart = T.meta_var(_starts_segment(vs, chk))
+                        ahead = T.meta_var(_line_of_step(direction, T.max(vs - LINE_PREFETCH_AHEAD, 0), n_lines))
+                        if descending:
+                            for q in range(_row_prefetches(length)):
+                                with T.sblock("prefetch_slice_ahead"):
+                                    vq = T.axis.opaque(_row_prefetches(length), q)
+                                    T.evaluate(_prefetch_row(gl, vb, vg, ahead, vq, length))
+                                    T.evaluate(_prefetch_row(gm, vb, vg, ahead, vq, length))
+                                    T.evaluate(_prefetch_row(gr, vb, vg, ahead, vq, length))
+                                    T.evaluate(_prefetch_row(dgl, vb, vg, ahead, vq, length, write=True))
+                                    T.evaluate(_prefetch_row(dgm, vb, vg, ahead, vq, length, write=True))
+                                    T.evaluate(_prefetch_row(dgr, vb, vg, ahead, vq, length, write=True))
                         for k in range(group_size):
                             with T.sblock("channel"):
                                 vk = T.axis.opaque(group_size, k)
                                 vc = T.meta_var(vg * group_size + vk)
                                 successor = T.meta_var(T.Select(no_successor, group_size, vk))
+                                if descending:
+                                    for q in range(_row_prefetches(length)):
+                                        with T.sblock("prefetch_channel_ahead"):
+                                            vq = T.axis.opaque(_row_prefetches(length), q)
+                                            T.evaluate(_prefetch_row(gh, vb, vc, ahead, vq, length))
+                                            T.evaluate(_prefetch_row(x, vb, vc, ahead, vq, length))
+                                            T.evaluate(_prefetch_row(lam, vb, vc, ahead, vq, length))
+                                            T.evaluate(_prefetch_row(h, vb, vc, ahead, vq, length))
+                                            T.evaluate(_prefetch_row(dx, vb, vc, ahead, vq, length, write=True))
+                                            T.evaluate(_prefetch_row(dlam, vb, vc, ahead, vq, length, write=True))
                                 for p in range(length):
                                     with T.sblock("load_previous_h"):
                                         vp = T.axis.spatial(length, p)
@@ -516,17 +605,11 @@ TILE_PAD = 16
 #: 3.6 -> 2.9 ms, fused 7.0 -> 5.5 ms); a larger plane would evict the tiles it is working on.
 PREFETCH_PLANE_ELEMENTS = 4096
 
-#: Elements per prefetch: a 64-byte cache line of float32 (16-bit dtypes prefetch each line twice).
-PREFETCH_STRIDE = 16
-
-
 def _prefetch(buffer, b, c, q, W):
     """A read prefetch (kept in every cache level) of element ``PREFETCH_STRIDE * q`` of plane
     ``buffer[b, c]`` (row-major over ``H x W``)."""
     flat = q * PREFETCH_STRIDE
-    return T.call_llvm_intrin(
-        "void", "llvm.prefetch.p0", T.address_of(buffer[b, c, flat // W, flat % W]), T.int32(0), T.int32(3), T.int32(1)
-    )
+    return _prefetch_address(T.address_of(buffer[b, c, flat // W, flat % W]))
 
 
 #: Side of the register blocks that stage a tile (8 float32: one AVX2 vector); the rows and

@@ -22,6 +22,12 @@ run-time overlap checks, and LLVM 22 hoists those out of the line loop by wideni
 whole plane, with a test that the line stride is non-negative: rows visited bottom to top (``b2t``)
 have a negative stride, the test always failed, and every ``b2t`` line ran the scalar loop (4-16x
 slower than ``t2b``). TVM's vectors need no such check.
+
+Rows visited bottom to top (the forward ``b2t``, the adjoint of ``t2b``) are descending streams,
+which the hardware prefetchers do not follow well on small planes: their compute is built with
+``stream_hints`` (tasks in descending order, so that a thread's planes form one stream, and software
+prefetches a few lines ahead, for writing too). 2-core EPYC, (1, 576, 56, 56): ``t2b`` adjoint
+6.4 -> 3.3 ms (``b2t`` 2.9), ``b2t`` forward 1.24 -> 0.86, fused 3.2 -> 1.7 (``t2b`` 0.61 / 1.55).
 """
 
 from __future__ import annotations
@@ -172,7 +178,7 @@ def schedule_forward(direction: str, dtype: str):
     """Scheduled forward PrimFunc for ``direction`` and storage ``dtype`` (one task per ``(b, c)``)."""
     if is_column(direction):
         return _parallel_tasks(scan_forward_column_tiles(direction, dtype, TILE_LINES), "plane")
-    return _row_forward(scan_forward(direction, dtype))
+    return _row_forward(scan_forward(direction, dtype, stream_hints=True))
 
 
 def schedule_fused_forward(direction: str, dtype: str, packed_logits: bool = False):
@@ -181,11 +187,11 @@ def schedule_fused_forward(direction: str, dtype: str, packed_logits: bool = Fal
     reads the three logits from one tensor (:func:`gspn_tvm.compute.fused_scan_forward`)."""
     if is_column(direction):
         return _parallel_tasks(fused_scan_forward_column_tiles(direction, dtype, TILE_LINES, packed_logits), "plane")
-    return _row_forward(fused_scan_forward(direction, dtype, packed_logits))
+    return _row_forward(fused_scan_forward(direction, dtype, packed_logits, stream_hints=True))
 
 
 def schedule_backward(direction: str, dtype: str):
     """Scheduled adjoint PrimFunc for ``direction`` and storage ``dtype`` (one task per ``(b, g)``)."""
     if is_column(direction):
         return _parallel_tasks(scan_backward_column_tiles(direction, dtype, BACKWARD_TILE_LINES), "slice")
-    return _parallel_tasks(scan_backward(direction, dtype), "slice")
+    return _parallel_tasks(scan_backward(direction, dtype, stream_hints=True), "slice")

@@ -246,3 +246,63 @@ def test_bottom_to_top_rows_compile_to_the_vector_code_of_top_to_bottom(operator
         assert not guards, f"{direction}: {len(guards)} stride guards send the vector loop to its scalar fallback"
     vector_loads = {d: len(re.findall(r"load <8 x float>", text)) for d, text in ir.items()}
     assert vector_loads["t2b"] > 0 and vector_loads["t2b"] == vector_loads["b2t"], vector_loads
+
+
+# --- Rows visited bottom to top: tasks in descending order, lines prefetched ahead ------------------
+
+ROW_KERNELS = {"forward": cpu.schedule_forward, "fused": cpu.schedule_fused_forward, "backward": cpu.schedule_backward}
+#: (task block, direction that descends) per kernel: the forward ``b2t`` and the adjoint of ``t2b``
+#: visit rows bottom to top.
+DESCENDING = {"forward": ("plane", "b2t"), "fused": ("plane", "b2t"), "backward": ("slice", "t2b")}
+#: Prefetch blocks of a descending kernel: streams read, streams written (one prefetch each).
+ROW_PREFETCHES = {
+    "forward": {"prefetch_ahead": (5, 1)},
+    "fused": {"prefetch_ahead": (7, 1)},
+    "backward": {"prefetch_slice_ahead": (3, 3), "prefetch_channel_ahead": (4, 2)},
+}
+
+
+def _prefetches(script: str) -> tuple[int, int]:
+    """(reads, writes) among the ``llvm.prefetch`` calls of ``script`` (rw flag 0 / 1)."""
+    calls = re.findall(r'"llvm\.prefetch".*\]\), ([01]), 3, 1\)$', script, flags=re.MULTILINE)
+    return calls.count("0"), calls.count("1")
+
+
+@pytest.mark.parametrize("pass_", ["forward", "fused", "backward"])
+def test_rows_visited_bottom_to_top_run_descending_tasks_and_prefetch_lines_ahead(pass_):
+    """The descending row kernels: the fused task loop runs the tasks last to first (so a thread's run
+    of planes is one descending stream), and every line prefetches each stream it reads and writes
+    ``LINE_PREFETCH_AHEAD`` lines further in visit order (the next rows up)."""
+    task, direction = DESCENDING[pass_]
+    func = ROW_KERNELS[pass_](direction, "float32")
+    blocks = _Blocks(func)
+    script = func.script()
+    assert re.search(r"vb = T\.axis\.spatial\(B, \w+ // \w+ \* T\.int64\(-1\) \+ \(B - T\.int64\(1\)\)\)", script), script[:2500]
+    for name, expected in ROW_PREFETCHES[pass_].items():
+        prefetch = blocks[name].script()
+        assert _prefetches(prefetch) == expected, prefetch
+        ahead = compute.LINE_PREFETCH_AHEAD
+        row = (f"T.max(H - T.int64(1) - vr - T.int64({ahead}), T.int64(0))" if pass_ == "backward"
+               else f"H - T.int64(1) - T.min(vs + T.int64({ahead}), H - T.int64(1))")  # fmt: skip
+        assert prefetch.count(row) >= sum(expected), prefetch
+    assert "llvm.prefetch" in _compiled_ir(func), "the prefetches were dropped in code generation"
+
+
+@pytest.mark.parametrize("pass_", ["forward", "fused", "backward"])
+def test_rows_visited_top_to_bottom_and_columns_have_no_line_prefetches(pass_):
+    """Ascending rows run their tasks in order, without prefetches (the hardware follows them; the
+    prefetches made the ``b2t`` adjoint at 128x128 slower); column kernels stage tiles instead."""
+    ascending = {"t2b": "b2t", "b2t": "t2b"}[DESCENDING[pass_][1]]
+    for direction in (ascending, "l2r", "r2l"):
+        script = ROW_KERNELS[pass_](direction, "float32").script()
+        for name in ROW_PREFETCHES[pass_]:
+            assert f'T.sblock("{name}")' not in script, (direction, name)
+        assert "T.int64(-1) + (B - T.int64(1))" not in script, direction
+
+
+def test_cuda_row_kernels_carry_no_cpu_prefetches():
+    """The prefetches are an LLVM CPU intrinsic: the CUDA schedules build the same compute without them."""
+    from gspn_tvm.schedules import cuda
+
+    for func in (cuda.schedule_forward("b2t", "float32"), cuda.schedule_backward("t2b", "float32")):
+        assert "llvm.prefetch" not in func.script()
