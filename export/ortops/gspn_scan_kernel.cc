@@ -275,11 +275,14 @@ GSPN_NO_TRAPPING_MATH void NormalizeRange(const float* al, const float* am, cons
     const bool has_left = first + p > 0, has_right = first + p < length - 1;
     const float left_mask = has_left ? 1.0f : 0.0f;
     const float right_mask = has_right ? 1.0f : 0.0f;
-    // A logit outside the line is never read: NaN there must not reach the common denominator.
+    // A logit outside the line is selected away: NaN there must not reach the common denominator.
+    // Read unconditionally (p < count is in the row): a conditional read compiles to a masked
+    // load, which stalled on every cache miss (b2t, whose rows the hardware does not prefetch).
+    const float logit_l = al[p], logit_r = ar[p];
     float num_l, den_l, num_m, den_m, num_r, den_r;
-    SigmoidFraction(has_left ? al[p] : 0.0f, &num_l, &den_l);
+    SigmoidFraction(has_left ? logit_l : 0.0f, &num_l, &den_l);
     SigmoidFraction(am[p], &num_m, &den_m);
-    SigmoidFraction(has_right ? ar[p] : 0.0f, &num_r, &den_r);
+    SigmoidFraction(has_right ? logit_r : 0.0f, &num_r, &den_r);
     const float wl = num_l * left_mask * (den_m * den_r);
     const float wm = num_m * (den_l * den_r);
     const float wr = num_r * right_mask * (den_l * den_m);
@@ -707,6 +710,25 @@ void FromLines(const float* __restrict__ src, int64_t src_stride, int64_t lines,
 
 // ---- row scans -------------------------------------------------------------------------------
 
+// Rows scanned bottom to top (b2t) are descending streams, which the hardware prefetchers do not
+// follow across small planes: the planes of a worker run last to first (one descending stream,
+// see ScanPlanesOf), and each line prefetches its inputs' and its output's row kRowsAhead lines
+// further. 2-core EPYC, (1, 576, 56, 56) b2t: see the README's benchmark notes.
+constexpr int64_t kRowsAhead = 2;
+
+template <typename T, int kInputs>
+inline void PrefetchRowAhead(const Plane<T, kInputs>& plane, int64_t offset, int64_t width) {
+  constexpr int kLine = 64;
+  const int64_t bytes = width * static_cast<int64_t>(sizeof(T));
+  const auto fetch = [bytes](const void* row, auto for_write) {
+    const char* begin = static_cast<const char*>(row);
+    for (int64_t b = 0; b < bytes; b += kLine) __builtin_prefetch(begin + b, for_write(), 3);
+    __builtin_prefetch(begin + bytes - 1, for_write(), 3);
+  };
+  for (int k = 0; k < kInputs; ++k) fetch(plane.in[k] + offset, std::false_type{});
+  fetch(plane.out + offset, std::true_type{});
+}
+
 // Row scans of a float32 plane: every line is a contiguous row, the previous line is read back
 // from the output.
 void RowScanFloat(const ScanGeometry& g, const Plane<float, kScanInputs>& plane) {
@@ -715,6 +737,7 @@ void RowScanFloat(const ScanGeometry& g, const Plane<float, kScanInputs>& plane)
   for (int64_t s = 0; s < H; ++s) {
     const int64_t i = reversed ? H - 1 - s : s;
     const int64_t offset = i * W;
+    if (reversed && i >= kRowsAhead) PrefetchRowAhead(plane, offset - kRowsAhead * W, W);
     float* out = plane.out + offset;
     if (StartsSegment(s, g.chunk)) {
       StartLine(plane.in[kData] + offset, plane.in[kLam] + offset, out, W);
@@ -762,7 +785,9 @@ void RowScanLines(const ScanGeometry& g, const Plane<T, kInputs>& plane, float* 
   float* weights[3] = {out + W, out + 2 * W, out + 3 * W};  // fused only
   const bool reversed = g.direction == Direction::kBottomToTop;
   for (int64_t s = 0; s < H; ++s) {
-    const int64_t offset = (reversed ? H - 1 - s : s) * W;
+    const int64_t i = reversed ? H - 1 - s : s;
+    const int64_t offset = i * W;
+    if (reversed && i >= kRowsAhead) PrefetchRowAhead(plane, offset - kRowsAhead * W, W);
     const float* x_line = Widened(plane.in[kData] + offset, x, W);
     const float* lam_line = Widened(plane.in[kLam] + offset, lam, W);
     if (StartsSegment(s, g.chunk)) {
@@ -1058,7 +1083,9 @@ void ScanPlanesOf(const ScanGeometry& g, int64_t first, int64_t count, const T* 
                   T* out, float* scratch) {
   using PlaneT = Plane<T, kInputs>;
   if (IsRowScan(g.direction)) {
-    for (int64_t index = first; index < first + count; ++index) {
+    const bool descending = g.direction == Direction::kBottomToTop;  // see kRowsAhead
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t index = descending ? first + count - 1 - k : first + k;
       const PlaneT plane = PlaneAt<T, kInputs>(g, index, inputs, out);
       if constexpr (std::is_same_v<T, float> && !PlaneT::kFused) {
         RowScanFloat(g, plane);
