@@ -5,7 +5,8 @@ Each kernel first checks its arguments with ``gspn_ref.validation`` (the checks 
 O(1) in the sizes), so a kernel reached directly (``torch.ops.gspn.scan`` with the TVM kernels
 enabled, or these functions) never hands the compiled code a shape it would misread. It then makes
 the inputs contiguous (a copy only for non-contiguous, expanded or channels-last inputs), allocates
-the outputs and passes everything to the compiled library through DLPack. Indices are 64-bit, so
+the outputs (large CPU ones on huge pages: :mod:`gspn_tvm.pages`) and passes everything to the
+compiled library through DLPack. Indices are 64-bit, so
 element counts beyond 2**31 are supported. float64 has no compiled kernel: it runs the reference
 (float64 is for gradient checks).
 
@@ -34,7 +35,7 @@ from gspn_ref.directions import line_count, line_length
 from gspn_ref.normalize import normalize_weights, normalize_weights_backward
 from gspn_ref.validation import validate_backward_args, validate_fused_args, validate_like, validate_scan_args
 
-from . import build, compute, threads
+from . import build, compute, pages, threads
 from .schedules import cpu as cpu_schedule
 from .schedules import cuda as cuda_schedule
 
@@ -131,7 +132,7 @@ def scan_forward(x, lam, gl, gm, gr, direction: str, chunk: int) -> torch.Tensor
     if not has_kernel(x, gl, direction):
         return gspn_scan_ref(x, lam, gl, gm, gr, direction, chunk)
     x, lam, gl, gm, gr = (_dense(t) for t in (x, lam, gl, gm, gr))
-    h = torch.empty_like(x)
+    h = pages.empty_like(x)
     kernel = _compiled(_forward_symbol(compute.forward_name(direction), direction, x), x)
     kernel(x, lam, gl, gm, gr, h, _kernel_chunk(chunk, direction, x))
     return h
@@ -148,7 +149,7 @@ def scan_backward(gh, x, lam, gl, gm, gr, h, direction: str, chunk: int):
     if not has_kernel(x, gl, direction, backward=True):
         return gspn_scan_backward_ref(gh, x, lam, gl, gm, gr, h, direction, chunk)
     gh, x, lam, gl, gm, gr, h = (_dense(t) for t in (gh, x, lam, gl, gm, gr, h))
-    grads = tuple(torch.empty_like(t) for t in (x, lam, gl, gm, gr))
+    grads = tuple(pages.empty_like(t) for t in (x, lam, gl, gm, gr))
     kernel = _compiled(_backward_symbol(direction, x, gl), x)
     kernel(gh, x, lam, gl, gm, gr, h, *grads, _kernel_chunk(chunk, direction, x))
     return grads
@@ -168,7 +169,7 @@ def fused_scan_forward(u, lam, al, am, ar, gate, skip, direction: str, chunk: in
     if u.device.type == "cuda" and cuda_schedule.fused_runs_composed(direction, u.shape[2], u.shape[3]):
         return fused_scan_composed(u, lam, al, am, ar, gate, skip, direction, chunk)
     inputs = tuple(_dense(t) for t in (u, lam, al, am, ar, gate, skip))
-    y = torch.empty_like(inputs[0])
+    y = pages.empty_like(inputs[0])
     kernel = _compiled(_forward_symbol(compute.fused_forward_name(direction), direction, y), y, "fused")
     kernel(*inputs, y, _kernel_chunk(chunk, direction, y))
     return y
