@@ -130,7 +130,7 @@ def test_fused_cpu_schedule_is_parallel_without_plane_sized_buffers(direction):
         for buffer in staged:
             assert int(buffer.shape[0]) == cpu.TILE_LINES, f"{buffer.name}: {list(buffer.shape)}"
             assert str(buffer.shape[1]).replace(" ", "") == f"H+T.int64({compute.TILE_PAD})", buffer.name
-        sch.get_sblock("gate"), sch.get_sblock("stage_in_8x8"), sch.get_sblock("stage_out_8x8")
+        sch.get_sblock("gate"), sch.get_sblock("stage_in_8x8_gate"), sch.get_sblock("stage_in_8x8_skip"), sch.get_sblock("stage_out_8x8")
 
 
 @pytest.fixture(scope="module")
