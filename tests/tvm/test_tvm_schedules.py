@@ -141,10 +141,13 @@ def test_lane_kernels_run_whole_vectors_of_channels(direction, fused):
     for name in ("step", "ends", "carry", "emit", "clear") + (("gate",) if fused else ()):
         kinds = [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock(name))]
         assert kinds[-1] == tirx.ForKind.VECTORIZED, f"{name}: {kinds}"
-    script = blocks["lanes_stage_in_8x8"].script()
-    tensors = 7 if fused else 5
-    assert script.count("] = T.Shuffle(") == compute.LANES * tensors, script  # two halves of 8 lanes
-    assert "for " not in script, script
+    tensors = ["x", "lam", "wl", "wm", "wr"] + (["gate", "skip"] if fused else [])
+    copies = sorted(set(re.findall(r'T\.sblock\("(lanes_stage_in_8x8\w*)"\)', func.script())))
+    assert copies == sorted(f"lanes_stage_in_8x8_{t}" for t in tensors), copies  # one loop per tensor
+    for name in copies:
+        script = blocks[name].script()
+        assert script.count("] = T.Shuffle(") == compute.LANES, script  # two halves of 8 lanes
+        assert "for " not in script, script
 
 
 def test_lane_adjoint_runs_whole_vectors_of_channels():
@@ -156,8 +159,12 @@ def test_lane_adjoint_runs_whole_vectors_of_channels():
     for name in ("load_previous_h", "adjoint_step", "gradients", "flow", "clear"):
         kinds = [sch.get(loop).kind for loop in sch.get_loops(sch.get_sblock(name))]
         assert kinds[-1] == tirx.ForKind.VECTORIZED, f"{name}: {kinds}"
-    stage = _Blocks(func)["lanes_stage_in_8x8"].script()
-    assert stage.count("] = T.Shuffle(") == compute.LANES * 7, stage
+    copies = sorted(set(re.findall(r'T\.sblock\("(lanes_stage_(?:in|out)_8x8\w*)"\)', func.script())))
+    assert copies == sorted([f"lanes_stage_in_8x8_{t}" for t in ("gh", "x", "lam", "gl", "gm", "gr", "h")]
+                            + [f"lanes_stage_out_8x8_{t}" for t in ("dx", "dlam", "dgl", "dgm", "dgr")]), copies
+    for name in copies:
+        stage = _Blocks(func)[name].script()
+        assert stage.count("] = T.Shuffle(") == compute.LANES, stage
 
 
 def test_projected_lane_kernel_computes_its_projections_in_vectors():
