@@ -973,27 +973,20 @@ def _lane_tensor_copies(dtype):
     planes 5-10% faster); one macro per block name, as there."""
     stage, unstage = _lane_copies(dtype)
 
-    def stage_planes(name):
-        @T.macro
-        def copy(dst, src, b, planes, n):
-            for eb in range(n // V):
-                with T.sblock(name):
-                    veb = T.axis.spatial(n // V, eb)
-                    stage(dst, src, b, planes, veb * V)
+    def looped(copy_group):
+        def of_name(name):
+            @T.macro
+            def copy(dst, src, b, planes, n):
+                for eb in range(n // V):
+                    with T.sblock(name):
+                        veb = T.axis.spatial(n // V, eb)
+                        copy_group(dst, src, b, planes, veb * V)
 
-        return copy
+            return copy
 
-    def unstage_planes(name):
-        @T.macro
-        def copy(dst, staged, b, c0, n):
-            for eb in range(n // V):
-                with T.sblock(name):
-                    veb = T.axis.spatial(n // V, eb)
-                    unstage(dst, staged, b, c0, veb * V)
+        return of_name
 
-        return copy
-
-    return stage_planes, unstage_planes
+    return looped(stage), looped(unstage)
 
 
 def _lane_scan(direction: str, dtype: str, fused: bool):
