@@ -122,3 +122,18 @@ def test_layer_profile_groups_operators():
     assert layer_profile.category("aten::native_layer_norm") == "layer norm and GRN"
     totals = layer_profile.profile_layer(GSPN(4, fused=False), torch.randn(1, 4, 6, 6), runs=1)
     assert totals["scans"] > 0 and totals["convolutions"] > 0 and totals["normalization and gating"] > 0
+
+
+def test_peak_resident_memory_is_the_workers_own_not_its_parents():
+    """A worker started by a process holding 1 GiB reports its own peak (an interpreter importing
+    the benchmark, torch included: about 300 MB), not the parent's: ``ru_maxrss`` would carry the parent's across
+    ``execve`` (what the earlier tables reported)."""
+    import subprocess
+    import sys
+
+    held = torch.ones(1 << 28)  # 1 GiB, touched
+    code = "from gspn.bench import models; import numpy; print(models.resident_peak_mb())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    worker_mb = float(done.stdout.strip().splitlines()[-1])
+    print(f"worker peak {worker_mb:.0f} MB while the parent holds {held.numel() * 4 / 2**20:.0f} MiB")
+    assert 10 < worker_mb < 768, worker_mb

@@ -15,7 +15,7 @@ chunk), then the same calls are timed alone with that backend's kernel (ONNX Run
 models) and summed; for TVM Relax, whose scan kernels differ from the eager ones (logits read in
 place, projections computed inside), the time spent in the compiled program's own scan kernels is
 summed over whole runs with the Relax VM's instrument hook (:func:`relax_scan_seconds`). Peak resident memory is the
-``ru_maxrss`` of a fresh process that loads the backend's model and runs it three times.
+high-water mark (``VmHWM``) of a fresh process that loads the backend's model and runs it three times.
 """
 
 from __future__ import annotations
@@ -233,6 +233,22 @@ def _peak_rss_worker(spec: dict) -> float:
     with torch.no_grad():
         for _ in range(3):
             run()
+    return resident_peak_mb()
+
+
+def resident_peak_mb() -> float:
+    """Peak resident memory (MB) of this process since its last ``execve``: ``VmHWM`` of
+    ``/proc/self/status``. Not ``ru_maxrss``: Linux carries that across ``execve`` from the process
+    that forked this one, so a worker started by a benchmark holding 13 GB reported 13 GB whatever it
+    used itself (the earlier tables' peak RSS grew with each backend measured). ``ru_maxrss`` only
+    where there is no ``/proc``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
