@@ -84,8 +84,8 @@ def test_record_scans_sees_every_scan_of_a_network():
     calls = models.record_scans(net, torch.randn(1, 3, 64, 64))
     mixers = sum(1 for m in net.modules() if type(m).__name__ == "GSPNMixer")
     assert len(calls) == mixers > 0
-    # one l2r scan per mixer, per-channel weights: (op, u, lam, al, am, ar, gate, skip, direction, chunk)
-    assert all(c[0] == "fused_scan" and c[8] == "l2r" and c[1].shape[1] == c[3].shape[1] for c in calls)
+    # one t2b scan (of the transposed maps) per mixer, per-channel weights: (op, u, lam, al, am, ar, gate, skip, direction, chunk)
+    assert all(c[0] == "fused_scan" and c[8] == "t2b" and c[1].shape[1] == c[3].shape[1] for c in calls)
     for backend in ("torch-reference", "ort-custom"):
         assert len(models._scan_runners(backend, calls)) == len(calls)
     with pytest.raises(ValueError, match="tvm-relax"):  # its scans are timed inside the compiled program

@@ -137,6 +137,36 @@ def test_fused_scan_equals_the_originals_normalization_and_gating(tiny16, side):
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", [1, 2, 5, 8])
+def test_mixer_runs_the_originals_column_scan_transposed(tiny16, side):
+    """forward scans every map transposed, top to bottom; it equals the original's order of work
+    written out here: its frames scanned left to right, mixed by m_conv in their frames, out_norm,
+    GRN (non-zero gamma and beta, so that its sum over the map is exercised) and out_proj."""
+    mixer = copy.deepcopy(tiny16.layers[1].blocks[0].op)
+    generator = torch.Generator().manual_seed(side)
+    with torch.no_grad():
+        mixer.grn.gamma.copy_(torch.randn(mixer.grn.gamma.shape, generator=generator))
+        mixer.grn.beta.copy_(torch.randn(mixer.grn.beta.shape, generator=generator))
+        x = torch.randn(2, mixer.dim, side, side, generator=generator)
+        frames, lam, al, am, ar, gate, skip = mixer.raw_scan_inputs(x)
+        y = gspn_fused_scan(frames, lam, al, am, ar, gate, skip, "l2r", mixer.items_each_chunk)
+        B, D = y.shape[0], mixer.d_inner
+        y = mixer.m_conv(y.reshape(B, 4, D * side, side)).reshape(B, D, side, side)
+        expected = mixer.out_proj(mixer.grn(mixer.out_norm(y)))
+        actual = mixer(x)
+    print("max |forward - original order|:", (actual - expected).abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_scan_inputs_are_the_transposes(tiny16):
+    """raw_scan_inputs(transposed=True) is raw_scan_inputs() with every map transposed."""
+    mixer = tiny16.layers[1].blocks[0].op
+    x = torch.randn(1, mixer.dim, 6, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for plain, transposed in zip(mixer.raw_scan_inputs(x), mixer.raw_scan_inputs(x, transposed=True)):
+            torch.testing.assert_close(transposed, plain.transpose(2, 3), rtol=1e-6, atol=1e-6)
+
+
 def test_one_scan_call_equals_four_directional_scans_in_the_original_frame(tiny16, vectors):
     """OFFICIAL_MODEL.md section 5: frame k scanned left to right equals T_k of the SPEC scan in
     direction (l2r, t2b, r2l, b2t)[k] of u, with the maps brought back by T_k^-1."""
@@ -455,11 +485,12 @@ def test_older_key_names_ddp_prefix_and_conv_shaped_linears_load(tiny16, officia
 def test_torch_export_has_one_scan_per_mixer_and_equals_eager(tiny16, vectors):
     x = torch.from_numpy(vectors["input"])
     program = torch.export.export(tiny16, (x,))
-    # one fused scan per mixer (logits, gate and skip in); none of tiny16's maps is 1 x 1
+    # one fused scan per mixer (logits, gate and skip in), rows of the transposed maps (t2b); none of
+    # tiny16's maps is 1 x 1
     fused = [n for n in program.graph.nodes if n.op == "call_function" and n.target == torch.ops.gspn.fused_scan.default]
     plain = [n for n in program.graph.nodes if n.op == "call_function" and n.target == torch.ops.gspn.scan.default]
     blocks = json.loads(str(vectors["blocks"]))
-    assert not plain and [tuple(n.args[7:]) for n in fused] == [("l2r", b["items_each_chunk"]) for b in blocks]
+    assert not plain and [tuple(n.args[7:]) for n in fused] == [("t2b", b["items_each_chunk"]) for b in blocks]
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), tiny16(x), rtol=1e-6, atol=1e-6)
 
