@@ -73,6 +73,11 @@ def test_fused_kernel_matches_the_reference():
         ScanCase(1, 4, 2, 70, 37, "l2r", 9),  # lines longer than 64: the through-memory path
         ScanCase(1, 2, 1, 130, 90, "r2l", 0),  # several strips of columns
         ScanCase(1, 2, 2, 33, 129, "b2t", 16),
+        # rows of whole vectors normalized as one range (8, 24, 56), beside 16-blocks (48 = 3 x 16)
+        ScanCase(1, 3, 3, 5, 8, "t2b", 2),
+        ScanCase(2, 2, 1, 7, 24, "b2t", 0),
+        ScanCase(1, 2, 2, 6, 56, "t2b", 0),
+        ScanCase(1, 2, 2, 4, 48, "b2t", 3),
     ],
     ids=str,
 )
