@@ -6,6 +6,7 @@ import tvm
 from tvm.s_tir import dlight
 
 from .conv1x1 import Conv1x1
+from .depthwise_conv import DepthwiseConv
 from .elementwise import Elementwise
 from .fallback import ParallelLoops
 from .matmul import Matmul
@@ -15,7 +16,7 @@ from .spatial_conv import SpatialConv
 
 def default_rules() -> list:
     """Most specific first; :class:`ParallelLoops` takes whatever is left (any sizes)."""
-    return [Conv1x1(), SpatialConv(), Matmul(), Reduction(), Elementwise(), ParallelLoops()]
+    return [Conv1x1(), SpatialConv(), DepthwiseConv(), Matmul(), Reduction(), Elementwise(), ParallelLoops()]
 
 
 def schedule_passes(target: tvm.target.Target) -> list:

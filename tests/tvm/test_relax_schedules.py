@@ -16,7 +16,7 @@ import tvm
 from tvm import relax, s_tir, tirx
 
 from gspn_tvm.relax_schedules import (
-    Conv1x1, Elementwise, GSPNRule, Matmul, ParallelLoops, Reduction, SpatialConv, default_rules,
+    Conv1x1, DepthwiseConv, Elementwise, GSPNRule, Matmul, ParallelLoops, Reduction, SpatialConv, default_rules,
 )
 from gspn_tvm.relax_schedules import base
 from gspn_tvm.relax_schedules.base import pick_vector_factor
@@ -161,6 +161,32 @@ def test_spatial_conv_keeps_padding_apart_and_tiles():
 def test_spatial_conv_leaves_depthwise_and_pointwise():
     assert SpatialConv().apply(depthwise_func(), TARGET, False) is None
     assert SpatialConv().apply(mean_func(), TARGET, False) is None
+
+
+@pytest.mark.parametrize(("channels", "side", "kernel", "stride"), [(8, 14, 7, 1), (4, 7, 7, 1), (3, 56, 3, 1), (4, 12, 3, 2)])
+def test_depthwise_conv_tiles_whole_rows_per_channel(channels, side, kernel, stride):
+    """A task per channel and block of output rows; the taps (kernel rows and columns) outside the
+    tile; output rows then a whole output row vectorized inside; padding a parallel stage of its
+    own. 56 columns: blocks of rows of at most 2048 accumulators (28 rows of 56)."""
+    def func():
+        return legalized(lambda x, w: relax.op.nn.conv2d(x, w, strides=stride, padding=kernel // 2, groups=channels),
+                         (1, channels, side, side), (channels, 1, kernel, kernel))  # fmt: skip
+
+    scheduled_func = scheduled(DepthwiseConv(), func())
+    found = block_loops(scheduled_func)
+    update = next(k for k in found if k.endswith("_update"))
+    assert found["pad_temp"][0] == P
+    assert found[update] == [P, S, S, S, V], found
+    assert "if_then_else" not in scheduled_func.script().split(f'sblock("{update}")')[1]
+    out_side = (side + 2 * (kernel // 2) - kernel) // stride + 1
+    assert_same_results(DepthwiseConv(), func(), [1, channels, out_side, out_side])
+
+
+def test_depthwise_conv_leaves_dense_grouped_and_multiplied_convolutions():
+    grouped = legalized(lambda x, w: relax.op.nn.conv2d(x, w, padding=1, groups=4), (1, 8, 14, 14), (8, 2, 3, 3))
+    multiplied = legalized(lambda x, w: relax.op.nn.conv2d(x, w, padding=1, groups=4), (1, 4, 14, 14), (8, 1, 3, 3))
+    for func in (spatial_conv_func(), conv1x1_func(), grouped, multiplied, matmul_func(), mean_func(), sigmoid_func()):
+        assert DepthwiseConv().apply(func, TARGET, False) is None
 
 
 def test_matmul_tiles_rows_and_vectorizes_columns():
