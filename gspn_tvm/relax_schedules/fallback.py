@@ -1,6 +1,6 @@
 """The rule of last resort: parallel outer loops and a contiguous inner loop, for any sizes.
 
-It schedules what no earlier rule claimed: depthwise convolutions, functions with symbolic sizes,
+It schedules what no earlier rule claimed: functions with symbolic sizes (depthwise convolutions among them),
 reductions over non-contiguous axes, layout changes. Every block runs its outer spatial loops in
 parallel; a reduction block (convolution, matmul) moves its innermost spatial loop inside the
 reduction loops, so that the inner loop walks the contiguous last axis of the output and of the
