@@ -78,6 +78,12 @@ def test_fused_kernel_matches_the_reference():
         ScanCase(2, 2, 1, 7, 24, "b2t", 0),
         ScanCase(1, 2, 2, 6, 56, "t2b", 0),
         ScanCase(1, 2, 2, 4, 48, "b2t", 3),
+        # float32 planes of short rows scanned as one range (rows < 32, <= 1024 positions), grouped
+        # weights, chunks; 40 x 28 is over the positions and takes the line path
+        ScanCase(2, 4, 2, 9, 7, "t2b", 2),
+        ScanCase(1, 3, 3, 14, 14, "b2t", 5),
+        ScanCase(1, 2, 1, 36, 28, "t2b", 0),
+        ScanCase(1, 2, 1, 40, 28, "b2t", 0),
     ],
     ids=str,
 )
