@@ -158,6 +158,37 @@ def test_spatial_conv_keeps_padding_apart_and_tiles():
     assert_same_results(SpatialConv(), spatial_conv_func(), [1, 16, 8, 8])
 
 
+def test_spatial_conv_rows_per_tile_fit_the_registers():
+    from gspn_tvm.relax_schedules.spatial_conv import rows_per_tile, vector_registers
+
+    assert rows_per_tile(14, 14, 32) == 2  # 8 channels x 2 rows x 2 vectors = 32 registers
+    assert rows_per_tile(14, 14, 16) == 14  # no two rows fit 16: the L1 tile (8 x 14 x 14 <= 2048)
+    assert rows_per_tile(8, 8, 32) == 4
+    assert rows_per_tile(7, 7, 32) == 7  # 7 is prime: the L1 tile
+    assert rows_per_tile(28, 28, 32) == 7  # four vectors a row: the L1 tile
+    assert vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})) == 32
+    assert vector_registers(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})) == 16
+    assert vector_registers(TARGET) == 16
+
+
+@pytest.mark.parametrize(("mcpu", "rows_block"), [("x86-64-v4", 2), ("x86-64-v3", 14)])
+def test_spatial_conv_register_tile_by_target(mcpu, rows_block):
+    """A 28 -> 14 downsampling (rows of 14 outputs) gets tiles of 2 rows where AVX-512's 32
+    registers hold them, all 14 rows in L1 elsewhere; same results (the schedule is compiled for the
+    baseline target here, so that the test runs on any x86-64)."""
+    def func():
+        return legalized(lambda x, w: relax.op.nn.conv2d(x, w, strides=2, padding=1), (1, 4, 28, 28), (16, 4, 3, 3))
+
+    sch = SpatialConv().apply(func(), tvm.target.Target({"kind": "llvm", "mcpu": mcpu}), False)
+    assert sch is not None
+    splits = [inst for inst in sch.trace.insts if inst.kind.name == "Split"]
+    print("split factors:", [[str(v) for v in inst.inputs[1:]] for inst in splits])
+    assert int(splits[0].inputs[2]) == rows_block  # the output rows, first (ReductionPattern.rows)
+    shapes, out_shape = [[1, 4, 28, 28], [16, 4, 3, 3]], [1, 16, 14, 14]
+    expected = run(ParallelLoops().apply(func(), TARGET, False).mod["main"], shapes, out_shape)
+    np.testing.assert_allclose(run(sch.mod["main"], shapes, out_shape), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_spatial_conv_leaves_depthwise_and_pointwise():
     assert SpatialConv().apply(depthwise_func(), TARGET, False) is None
     assert SpatialConv().apply(mean_func(), TARGET, False) is None
