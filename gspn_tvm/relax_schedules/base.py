@@ -24,6 +24,14 @@ SCHEDULE_ERRORS = (s_tir.ScheduleError, tvm.error.InternalError)
 VECTOR_LANES = 8
 
 
+def vector_registers(target) -> int:
+    """Vector registers the accumulators of a tile can stay in: 32 with AVX-512 (x86-64-v4 or an
+    ``avx512f`` attribute), else 16."""
+    mcpu = str(target.attrs.get("mcpu", "")) if target is not None else ""
+    mattr = [str(a) for a in (target.attrs.get("mattr", None) or [])] if target is not None else []
+    return 32 if mcpu == "x86-64-v4" or "+avx512f" in mattr else 16
+
+
 class GSPNRule(CPUScheduleRule):
     """A dlight CPU rule whose failures are logged, never swallowed silently."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from tvm import s_tir
 
 from .analysis import iterators, output_vars, position, reads_using, single_reduction
-from .base import VECTOR_LANES, GSPNRule, ReductionPattern, tiled_reduction, uses_var
+from .base import VECTOR_LANES, GSPNRule, ReductionPattern, tiled_reduction, uses_var, vector_registers
 
 
 #: Output rows of at most this many columns are vectorized whole (several rows per tile); wider
@@ -15,14 +15,6 @@ MAX_ROW_VECTOR = 28
 #: Accumulators per tile when it spans rows (in L1 rather than registers: 8 KiB of float32).
 MAX_TILE_ELEMENTS = 2048
 TILE_CHANNELS = 8
-
-
-def vector_registers(target) -> int:
-    """Vector registers the accumulators of a tile can stay in: 32 with AVX-512 (x86-64-v4 or an
-    ``avx512f`` attribute), else 16."""
-    mcpu = str(target.attrs.get("mcpu", "")) if target is not None else ""
-    mattr = [str(a) for a in (target.attrs.get("mattr", None) or [])] if target is not None else []
-    return 32 if mcpu == "x86-64-v4" or "+avx512f" in mattr else 16
 
 
 def rows_per_tile(rows: int, cols: int, registers: int, channels: int = TILE_CHANNELS) -> int:

@@ -142,6 +142,23 @@ def test_conv1x1_sweeps_a_large_operand_in_blocks_of_vectors(channels, side, blo
     assert_same_results(Conv1x1(), func, [1, 24, side, side])
 
 
+@pytest.mark.parametrize(("side", "channels_tile"), [(7, 4), (4, 6), (8, None), (14, None)])
+def test_conv1x1_whole_map_tile_where_the_registers_hold_it(side, channels_tile):
+    """With AVX-512's 32 registers, maps whose rows are one vector (7x7, 4x4) tile channels x every
+    row (4 x 7, 6 x 4 accumulators; rows inside the reduction), others keep one vector of pixels
+    per tile; same results (compiled for the baseline target)."""
+    sch = Conv1x1().apply(conv1x1_func(side, side), tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"}), False)
+    splits = [[int(v) for v in inst.inputs[2:]] for inst in sch.trace.insts if inst.kind.name == "Split"]
+    print("split factors:", splits)
+    if channels_tile is None:
+        assert splits == [[pick_vector_factor([side, side])], [8]], splits
+    else:
+        assert splits == [[side], [side], [channels_tile]], splits  # rows, the row as the vector, channels
+    shapes, out_shape = [[1, 16, side, side], [24, 16, 1, 1]], [1, 24, side, side]
+    expected = run(ParallelLoops().apply(conv1x1_func(side, side), TARGET, False).mod["main"], shapes, out_shape)
+    np.testing.assert_allclose(run(sch.mod["main"], shapes, out_shape), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_conv1x1_does_not_claim_other_patterns():
     for func in (spatial_conv_func(), depthwise_func(), matmul_func(), mean_func(), sigmoid_func()):
         assert Conv1x1().apply(func, TARGET, False) is None
@@ -159,7 +176,8 @@ def test_spatial_conv_keeps_padding_apart_and_tiles():
 
 
 def test_spatial_conv_rows_per_tile_fit_the_registers():
-    from gspn_tvm.relax_schedules.spatial_conv import rows_per_tile, vector_registers
+    from gspn_tvm.relax_schedules.base import vector_registers
+    from gspn_tvm.relax_schedules.spatial_conv import rows_per_tile
 
     assert rows_per_tile(14, 14, 32) == 2  # 8 channels x 2 rows x 2 vectors = 32 registers
     assert rows_per_tile(14, 14, 16) == 14  # no two rows fit 16: the L1 tile (8 x 14 x 14 <= 2048)
