@@ -2,7 +2,9 @@
 //
 // Memory order. Tensors are row-major NCHW. A row scan (t2b, b2t) walks lines that are contiguous
 // rows, so each line update is a contiguous, vectorizable loop over the W positions, reading the
-// previous line from the output itself (float32) or from a float32 line buffer (float16).
+// previous line from the output itself (float32) or from a float32 line buffer (float16); the
+// fused float32 scan of a small plane with short rows runs the plane as one range instead
+// (RowScanFusedPlane: per-line loops of 7 or 14 positions cost more than the arithmetic).
 // A column scan (l2r, r2l) walks columns, which are strided in memory. It is processed in strips
 // of adjacent columns (the whole plane for small maps, else L1-sized strips; see
 // MakeColumnLayout): the strip is transposed into zero-padded float32 lines in scratch with 8x8
