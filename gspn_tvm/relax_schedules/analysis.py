@@ -78,3 +78,26 @@ def indexed_by(region, variables) -> bool:
     """Whether the last axes of ``region`` are indexed by exactly ``variables``, in order."""
     found = index_vars(region)[-len(variables):]
     return len(found) == len(variables) and all(a is not None and a.same_as(b) for a, b in zip(found, variables))
+
+
+def nchw_reduction(sch: s_tir.Schedule, keep_pad: bool):
+    """``(block, pads, epilogues, (channel, row, col), reduction vars)`` for a function that is one
+    static-size reduction block (see :func:`single_reduction`) with a 4-D output whose channel, row
+    and column are spatial iterators (a convolution's NCHW output); else None."""
+    found = single_reduction(sch, keep_pad=keep_pad)
+    if found is None:
+        return None
+    block, pads, epilogues = found
+    stmt = sch.get(block)
+    axes = output_vars(stmt)
+    if axes is None or len(axes) != 4 or any(v is None for v in axes[1:]):
+        return None
+    return block, pads, epilogues, (axes[1], axes[2], axes[3]), iterators(stmt)[1]
+
+
+def parallel_pads(sch: s_tir.Schedule, pads) -> None:
+    """Padding stages kept apart (computed once, so that a convolution's inner loop reads without
+    bounds checks) run their outer loops in parallel."""
+    for pad in pads:
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])

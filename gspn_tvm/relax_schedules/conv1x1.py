@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .analysis import indexed_by, iterators, output_vars, position, reads_using, single_reduction
+from .analysis import indexed_by, nchw_reduction, position, reads_using
 from .base import VECTOR_LANES, GSPNRule, ReductionPattern, static_extent, tiled_reduction, uses_var, vector_registers
 
 
@@ -25,16 +25,11 @@ class Conv1x1(GSPNRule):
 
     def schedule(self, func, target):
         sch = s_tir.Schedule(func)
-        found = single_reduction(sch, keep_pad=False)
+        found = nchw_reduction(sch, keep_pad=False)
         if found is None:
             return None
-        block, _, epilogues = found
+        block, _, epilogues, (channel, row, col), reduction = found
         stmt = sch.get(block)
-        axes = output_vars(stmt)
-        if axes is None or len(axes) != 4 or any(v is None for v in axes[1:]):
-            return None
-        _, reduction = iterators(stmt)
-        channel, row, col = axes[1], axes[2], axes[3]
         data = reads_using(stmt, col)
         weights = reads_using(stmt, channel)
         if not reduction or not data or not weights or len(reads_using(stmt, row)) != len(data):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .analysis import iterators, output_vars, position, reads_using, single_reduction
+from .analysis import nchw_reduction, parallel_pads, position, reads_using
 from .base import GSPNRule, ReductionPattern, index_vars, tiled_reduction, uses_var
 from .spatial_conv import MAX_TILE_ELEMENTS
 
@@ -24,16 +24,11 @@ class DepthwiseConv(GSPNRule):
 
     def schedule(self, func, target):
         sch = s_tir.Schedule(func)
-        found = single_reduction(sch, keep_pad=True)
+        found = nchw_reduction(sch, keep_pad=True)
         if found is None:
             return None
-        block, pads, epilogues = found
+        block, pads, epilogues, (channel, row, col), reduction = found
         stmt = sch.get(block)
-        axes = output_vars(stmt)
-        if axes is None or len(axes) != 4 or any(v is None for v in axes[1:]):
-            return None
-        _, reduction = iterators(stmt)
-        channel, row, col = axes[1], axes[2], axes[3]
         data = reads_using(stmt, col)
         if len(data) != 1 or len(data[0].region) != 4 or not reduction:
             return None
@@ -45,9 +40,7 @@ class DepthwiseConv(GSPNRule):
         weights = [r for r in reads_using(stmt, channel) if not r.source.same_as(data[0].source)]
         if len(weights) != 1 or uses_var(weights[0].region, row) or uses_var(weights[0].region, col):
             return None
-        for pad in pads:
-            loops = sch.get_loops(pad)
-            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        parallel_pads(sch, pads)
         rows, cols = (int(sch.get(sch.get_loops(block)[position(stmt, v)]).extent) for v in (row, col))
         # As many rows as MAX_TILE_ELEMENTS holds (the plane, up to 2048 positions): tiles of rows
         # that fit the registers measured slower here (GSPN-T, 4 rows of 56: 1.0 -> 5.8 ms).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .analysis import iterators, output_vars, position, reads_using, single_reduction
+from .analysis import nchw_reduction, parallel_pads, position, reads_using
 from .base import VECTOR_LANES, GSPNRule, ReductionPattern, tiled_reduction, uses_var, vector_registers
 
 
@@ -38,35 +38,28 @@ class SpatialConv(GSPNRule):
     without bounds checks. Applies to a static-size function with one reduction block whose 4-D
     output's channel is read by the weight only and whose output column is read by the data at a
     shifted or strided position, with a reduction over the data's channel axis (so not depthwise,
-    which :class:`~.fallback.ParallelLoops` schedules).
+    which :class:`~.depthwise_conv.DepthwiseConv` schedules).
     """
 
     def schedule(self, func, target):
         sch = s_tir.Schedule(func)
-        found = single_reduction(sch, keep_pad=True)
+        found = nchw_reduction(sch, keep_pad=True)
         if found is None:
             return None
-        block, pads, epilogues = found
+        block, pads, epilogues, (channel, row, col), reduction = found
         stmt = sch.get(block)
-        axes = output_vars(stmt)
-        if axes is None or len(axes) != 4 or any(v is None for v in axes[1:]):
-            return None
-        _, reduction = iterators(stmt)
-        channel, col = axes[1], axes[3]
         data, weights = reads_using(stmt, col), reads_using(stmt, channel)
         if len(data) != 1 or len(weights) != 1 or uses_var(data[0].region, channel) or uses_var(weights[0].region, col):
             return None
         if len(data[0].region) != 4 or not any(uses_var(data[0].region[1:2], r) for r in reduction):
             return None  # depthwise (or not a convolution)
-        for pad in pads:
-            loops = sch.get_loops(pad)
-            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        parallel_pads(sch, pads)
         pattern = ReductionPattern(vector=[position(stmt, col)], tile=position(stmt, channel))
-        rows, cols = (int(sch.get(sch.get_loops(block)[position(stmt, v)]).extent) for v in (axes[2], axes[3]))
-        if axes[2] is not None and cols <= MAX_ROW_VECTOR:
+        rows, cols = (int(sch.get(sch.get_loops(block)[position(stmt, v)]).extent) for v in (row, col))
+        if row is not None and cols <= MAX_ROW_VECTOR:
             # Several whole output rows per tile: the weights (larger than the outputs in the
             # downsampling layers) are read once per tile instead of once per row.
-            pattern.rows = position(stmt, axes[2])
+            pattern.rows = position(stmt, row)
             pattern.rows_block = rows_per_tile(rows, cols, vector_registers(target))
         tiled_reduction(sch, block, epilogues, pattern)
         return sch
