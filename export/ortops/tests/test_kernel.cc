@@ -613,16 +613,21 @@ void TestFusedOffsetsBeyond2To31() {
   for (T* memory : {data[0], data[1], data[2], data[3], y}) munmap(memory, total * sizeof(T));
 }
 
-// The fused scan's scratch: that of the scan for column scans, 10 W floats for row scans.
+// The fused scan's scratch: that of the scan for column scans, 10 W floats for row scans, and for
+// float32 planes of rows under 32 wide with at most 1024 positions (scanned as one range) at least
+// 6 H W floats (two edge masks, three weights, h).
 void TestFusedScratch() {
-  for (int64_t H : {int64_t{1}, int64_t{56}, int64_t{50000}}) {
-    for (int64_t W : {int64_t{1}, int64_t{17}, int64_t{1} << 20}) {
+  for (int64_t H : {int64_t{1}, int64_t{7}, int64_t{56}, int64_t{50000}}) {
+    for (int64_t W : {int64_t{1}, int64_t{17}, int64_t{31}, int64_t{32}, int64_t{1} << 20}) {
       for (Direction d : kDirections) {
         for (bool half : {false, true}) {
           ScanGeometry g;
           g.batch = g.channels = g.groups = 1, g.height = H, g.width = W, g.direction = d;
           const bool rows = d == Direction::kTopToBottom || d == Direction::kBottomToTop;
-          const size_t expected = rows ? static_cast<size_t>(10 * W) : gspn::ScratchFloats(g, half);
+          const bool plane_path = rows && !half && W < 32 && H * W <= 1024;
+          const size_t expected = !rows ? gspn::ScratchFloats(g, half)
+                                  : plane_path ? static_cast<size_t>(std::max(10 * W, 6 * H * W))
+                                               : static_cast<size_t>(10 * W);
           CHECK(gspn::FusedScratchFloats(g, half) == expected, "%s: fused scratch %zu, expected %zu",
                 Describe(g, half ? "float16" : "float32").c_str(), gspn::FusedScratchFloats(g, half),
                 expected);
