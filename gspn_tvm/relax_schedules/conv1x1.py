@@ -5,11 +5,21 @@ from __future__ import annotations
 from tvm import s_tir
 
 from .analysis import indexed_by, nchw_reduction, position, reads_using
-from .base import VECTOR_LANES, GSPNRule, ReductionPattern, static_extent, tiled_reduction, uses_var, vector_registers
+from .base import (
+    VECTOR_LANES, GSPNRule, ReductionPattern, pick_vector_factor, static_extent, tiled_reduction, uses_var,
+    vector_registers,
+)
 
 
 #: Vector registers left to the operands (the input rows, a broadcast weight) beside the accumulators.
 SPARE_REGISTERS = 4
+#: Reductions of at most this many input channels (low-rank projections: a 16-channel proxy to 4608
+#: weight maps in the GSPN layer) are left to :class:`~.fallback.ParallelLoops` unless the pixel
+#: vector is 16 wide: a register tile's set-up and write-back are not amortized over so short a
+#: reduction. One thread, 16 -> 4608 channels: 28x28 4.6 -> 1.5 ms, 56x56 15.0 -> 7.4, 14x14 0.39 ->
+#: 0.35; at 112x112 (16-wide vectors) the tile stays ahead, 18.6 against 30.3; 64 channels at 56x56
+#: also favour the tile (5.7 against 9.3).
+SHALLOW_REDUCTION = 32
 
 
 class Conv1x1(GSPNRule):
@@ -20,7 +30,8 @@ class Conv1x1(GSPNRule):
     output axes are spatial iterators ``h, w`` that some input reads at its own last two axes
     unchanged (pointwise), and whose channel axis is read by another input (the weight) that does
     not depend on ``h, w``. Maps whose rows are one vector, where the registers hold a tile of
-    channels x every row (AVX-512), take that tile instead.
+    channels x every row (AVX-512), take that tile instead; shallow reductions on maps without a
+    16-wide pixel vector are left to the fallback (see ``SHALLOW_REDUCTION``).
     """
 
     def schedule(self, func, target):
@@ -39,6 +50,11 @@ class Conv1x1(GSPNRule):
         if any(uses_var(r.region, row) or uses_var(r.region, col) for r in weights):
             return None
         rows, cols = (static_extent(sch.get(sch.get_loops(block)[position(stmt, v)]).extent) for v in (row, col))
+        depth = 1
+        for var in reduction:
+            depth *= static_extent(sch.get(sch.get_loops(block)[position(stmt, var)]).extent)
+        if depth <= SHALLOW_REDUCTION and pick_vector_factor([rows, cols]) < 2 * VECTOR_LANES:
+            return None  # ParallelLoops: the reduction unrolled in one contiguous loop per channel
         tiles = [t for t in (8, 6, 4) if t * rows <= vector_registers(target) - SPARE_REGISTERS]
         if cols <= VECTOR_LANES and rows > 1 and tiles:
             # Rows of one vector (7x7 maps): a vector per row and channel, the whole map in the tile.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .analysis import nchw_reduction, parallel_pads, position, reads_using
+from .analysis import indexed_by, nchw_reduction, parallel_pads, position, reads_using
 from .base import VECTOR_LANES, GSPNRule, ReductionPattern, tiled_reduction, uses_var, vector_registers
 
 
@@ -53,6 +53,8 @@ class SpatialConv(GSPNRule):
             return None
         if len(data[0].region) != 4 or not any(uses_var(data[0].region[1:2], r) for r in reduction):
             return None  # depthwise (or not a convolution)
+        if indexed_by(data[0].region, (row, col)):
+            return None  # pointwise (1x1, stride 1): Conv1x1, or the fallback for shallow reductions
         parallel_pads(sch, pads)
         pattern = ReductionPattern(vector=[position(stmt, col)], tile=position(stmt, channel))
         rows, cols = (int(sch.get(sch.get_loops(block)[position(stmt, v)]).extent) for v in (row, col))

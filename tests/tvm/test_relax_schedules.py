@@ -49,8 +49,8 @@ def legalized(build, *shapes) -> tirx.PrimFunc:
     return funcs[0]
 
 
-def conv1x1_func(height=14, width=56):
-    return legalized(lambda x, w: relax.op.nn.conv2d(x, w), (1, 16, height, width), (24, 16, 1, 1))
+def conv1x1_func(height=14, width=56, channels=48):
+    return legalized(lambda x, w: relax.op.nn.conv2d(x, w), (1, channels, height, width), (24, channels, 1, 1))
 
 
 def spatial_conv_func():
@@ -126,12 +126,12 @@ def test_conv1x1_register_tile(height, width):
     assert_same_results(Conv1x1(), conv1x1_func(height, width), [1, 24, height, width])
 
 
-@pytest.mark.parametrize(("channels", "side", "blocked"), [(192, 28, True), (16, 28, False), (8, 56, False)])
+@pytest.mark.parametrize(("channels", "side", "blocked"), [(192, 28, True), (48, 28, False), (40, 56, False)])
 def test_conv1x1_sweeps_a_large_operand_in_blocks_of_vectors(channels, side, blocked):
     """When the pixels x input channels operand is over ``STREAMED_OPERAND_BYTES`` (192 x 28^2: 588
     KiB), the pixel vectors run in blocks (a split of the vector loop: three splits, not two) with
     the channel tiles inside each block, so the block's operand is reused from L2 by every tile;
-    smaller operands (16 or 8 channels) are swept whole. Same results either way."""
+    smaller operands (48 x 28^2, 40 x 56^2: 147 and 490 KiB) are swept whole. Same results either way."""
     func = legalized(lambda x, w: relax.op.nn.conv2d(x, w), (1, channels, side, side), (24, channels, 1, 1))
     sch = Conv1x1().apply(func, TARGET, False)
     splits = [inst for inst in sch.trace.insts if inst.kind.name == "Split"]
@@ -154,9 +154,23 @@ def test_conv1x1_whole_map_tile_where_the_registers_hold_it(side, channels_tile)
         assert splits == [[pick_vector_factor([side, side])], [8]], splits
     else:
         assert splits == [[side], [side], [channels_tile]], splits  # rows, the row as the vector, channels
-    shapes, out_shape = [[1, 16, side, side], [24, 16, 1, 1]], [1, 24, side, side]
+    shapes, out_shape = [[1, 48, side, side], [24, 48, 1, 1]], [1, 24, side, side]
     expected = run(ParallelLoops().apply(conv1x1_func(side, side), TARGET, False).mod["main"], shapes, out_shape)
     np.testing.assert_allclose(run(sch.mod["main"], shapes, out_shape), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("side", "channels", "claimed"), [(28, 16, False), (56, 32, False), (14, 8, False),
+                                                          (112, 16, True), (56, 48, True), (28, 64, True)])
+def test_shallow_reductions_go_to_the_fallback(side, channels, claimed):
+    """Reductions over at most 32 input channels are left to the fallback (the reduction unrolled in
+    one loop per channel) unless the pixels make 16-wide vectors (112 wide); the fallback computes
+    the same, and SpatialConv does not take the pointwise convolution either."""
+    func = conv1x1_func(side, side, channels)
+    assert (Conv1x1().apply(func, TARGET, False) is not None) == claimed
+    assert SpatialConv().apply(func, TARGET, False) is None
+    if not claimed:
+        rule = next(r for r in default_rules() if r.apply(func, TARGET, False) is not None)
+        assert isinstance(rule, ParallelLoops), type(rule).__name__
 
 
 def test_conv1x1_does_not_claim_other_patterns():
@@ -257,6 +271,21 @@ def test_elementwise_vectorizes_contiguous_rows():
     assert list(block_loops(func).values()) == [[P, S, V]]
     assert Elementwise().apply(mean_func(), TARGET, False) is None
     assert_same_results(Elementwise(), sigmoid_func(), [1, 24, 14, 16])
+
+
+@pytest.mark.parametrize("side", [28, 14, 7])
+def test_elementwise_fuses_adjacent_short_rows(side):
+    """Rows that are not whole vectors but adjacent in every buffer (a channel split at 28x28) run as
+    one vectorized loop over the plane (a slice of channels here, as a split's outputs are); a
+    transpose (rows not adjacent in its input) is not fused. Same results."""
+    split = legalized(lambda x: relax.op.strided_slice(x, axes=[1], begin=[2], end=[6]), (1, 8, side, side))
+    found = list(block_loops(scheduled(Elementwise(), split)).values())
+    plane = side * side
+    expected = [P, S, V] if plane % 8 == 0 else [P, S]  # channels / the plane (in vectors)
+    assert found == [expected] * len(found) and found, found
+    assert_same_results(Elementwise(), split, [1, 4, side, side])
+    transpose = legalized(lambda x: relax.op.permute_dims(x, [0, 1, 3, 2]), (1, 8, side, side))
+    assert len(block_loops(scheduled(Elementwise(), transpose))["T_transpose"]) == 2
 
 
 def test_symbolic_sizes_fall_through_to_parallel_loops():
