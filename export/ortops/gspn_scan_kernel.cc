@@ -1175,14 +1175,14 @@ void ScanPlanesOf(const ScanGeometry& g, int64_t first, int64_t count, const T* 
     for (int64_t k = 0; k < count; ++k) {
       const int64_t index = descending ? first + count - 1 - k : first + k;
       const PlaneT plane = PlaneAt<T, kInputs>(g, index, inputs, out);
-      if constexpr (std::is_same_v<T, float> && !PlaneT::kFused) {
-        RowScanFloat(g, plane);
-      } else if constexpr (kFloatFused) {
+      if constexpr (kFloatFused) {
         if (plane_path) {
           RowScanFusedPlane(g, plane, scratch);
-        } else {
-          RowScanLines(g, plane, scratch);
+          continue;
         }
+      }
+      if constexpr (std::is_same_v<T, float> && !PlaneT::kFused) {
+        RowScanFloat(g, plane);
       } else {
         RowScanLines(g, plane, scratch);
       }

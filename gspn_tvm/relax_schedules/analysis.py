@@ -95,6 +95,12 @@ def nchw_reduction(sch: s_tir.Schedule, keep_pad: bool):
     return block, pads, epilogues, (axes[1], axes[2], axes[3]), iterators(stmt)[1]
 
 
+def loop_extent(sch: s_tir.Schedule, block, var: tirx.Var) -> int:
+    """The extent of the loop that iterator ``var`` of a block fresh from legalization runs on (the
+    functions the rules schedule have static sizes: see :func:`single_reduction`)."""
+    return int(sch.get(sch.get_loops(block)[position(sch.get(block), var)]).extent)
+
+
 def parallel_pads(sch: s_tir.Schedule, pads) -> None:
     """Padding stages kept apart (computed once, so that a convolution's inner loop reads without
     bounds checks) run their outer loops in parallel."""

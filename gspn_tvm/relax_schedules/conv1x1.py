@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .analysis import indexed_by, nchw_reduction, position, reads_using
+from .analysis import indexed_by, loop_extent, nchw_reduction, position, reads_using
 from .base import (
-    VECTOR_LANES, GSPNRule, ReductionPattern, pick_vector_factor, static_extent, tiled_reduction, uses_var,
+    VECTOR_LANES, GSPNRule, ReductionPattern, pick_vector_factor, tiled_reduction, uses_var,
     vector_registers,
 )
 
@@ -49,10 +49,10 @@ class Conv1x1(GSPNRule):
             return None
         if any(uses_var(r.region, row) or uses_var(r.region, col) for r in weights):
             return None
-        rows, cols = (static_extent(sch.get(sch.get_loops(block)[position(stmt, v)]).extent) for v in (row, col))
+        rows, cols = loop_extent(sch, block, row), loop_extent(sch, block, col)
         depth = 1
         for var in reduction:
-            depth *= static_extent(sch.get(sch.get_loops(block)[position(stmt, var)]).extent)
+            depth *= loop_extent(sch, block, var)
         if depth <= SHALLOW_REDUCTION and pick_vector_factor([rows, cols]) < 2 * VECTOR_LANES:
             return None  # ParallelLoops: the reduction unrolled in one contiguous loop per channel
         tiles = [t for t in (8, 6, 4) if t * rows <= vector_registers(target) - SPARE_REGISTERS]

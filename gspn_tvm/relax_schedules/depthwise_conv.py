@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .analysis import nchw_reduction, parallel_pads, position, reads_using
+from .analysis import loop_extent, nchw_reduction, parallel_pads, position, reads_using
 from .base import GSPNRule, ReductionPattern, index_vars, tiled_reduction, uses_var
-from .spatial_conv import MAX_TILE_ELEMENTS
+from .spatial_conv import rows_in_tile_elements
 
 
 class DepthwiseConv(GSPNRule):
@@ -41,10 +41,9 @@ class DepthwiseConv(GSPNRule):
         if len(weights) != 1 or uses_var(weights[0].region, row) or uses_var(weights[0].region, col):
             return None
         parallel_pads(sch, pads)
-        rows, cols = (int(sch.get(sch.get_loops(block)[position(stmt, v)]).extent) for v in (row, col))
         # As many rows as MAX_TILE_ELEMENTS holds (the plane, up to 2048 positions): tiles of rows
         # that fit the registers measured slower here (GSPN-T, 4 rows of 56: 1.0 -> 5.8 ms).
-        block_rows = max(k for k in range(1, rows + 1) if rows % k == 0 and k * cols <= MAX_TILE_ELEMENTS)
+        block_rows = rows_in_tile_elements(loop_extent(sch, block, row), loop_extent(sch, block, col), channels=1)
         pattern = ReductionPattern(vector=[position(stmt, col)], tile=None, rows=position(stmt, row), rows_block=block_rows)
         tiled_reduction(sch, block, epilogues, pattern)
         return sch

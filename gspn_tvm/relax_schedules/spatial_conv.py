@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .analysis import indexed_by, nchw_reduction, parallel_pads, position, reads_using
+from .analysis import indexed_by, loop_extent, nchw_reduction, parallel_pads, position, reads_using
 from .base import VECTOR_LANES, GSPNRule, ReductionPattern, tiled_reduction, uses_var, vector_registers
 
 
@@ -17,6 +17,12 @@ MAX_TILE_ELEMENTS = 2048
 TILE_CHANNELS = 8
 
 
+def rows_in_tile_elements(rows: int, cols: int, channels: int = TILE_CHANNELS) -> int:
+    """The most output rows (dividing ``rows``) whose ``channels`` x rows x ``cols`` accumulators fit
+    ``MAX_TILE_ELEMENTS`` (a tile in L1)."""
+    return max(k for k in range(1, rows + 1) if rows % k == 0 and channels * k * cols <= MAX_TILE_ELEMENTS)
+
+
 def rows_per_tile(rows: int, cols: int, registers: int, channels: int = TILE_CHANNELS) -> int:
     """Output rows per tile: the most (at least 2, dividing ``rows``) whose ``channels`` x rows x
     vectors accumulators fit the vector registers, else the most whose accumulators fit
@@ -25,9 +31,7 @@ def rows_per_tile(rows: int, cols: int, registers: int, channels: int = TILE_CHA
     count) and of 28 (four vectors) have no such count and keep the L1 tile (one row: slower)."""
     vectors = -(-cols // VECTOR_LANES)
     fitting = [k for k in range(2, rows + 1) if rows % k == 0 and channels * k * vectors <= registers]
-    if fitting:
-        return max(fitting)
-    return max(k for k in range(1, rows + 1) if rows % k == 0 and channels * k * cols <= MAX_TILE_ELEMENTS)
+    return max(fitting) if fitting else rows_in_tile_elements(rows, cols, channels)
 
 
 class SpatialConv(GSPNRule):
@@ -57,8 +61,8 @@ class SpatialConv(GSPNRule):
             return None  # pointwise (1x1, stride 1): Conv1x1, or the fallback for shallow reductions
         parallel_pads(sch, pads)
         pattern = ReductionPattern(vector=[position(stmt, col)], tile=position(stmt, channel))
-        rows, cols = (int(sch.get(sch.get_loops(block)[position(stmt, v)]).extent) for v in (row, col))
-        if row is not None and cols <= MAX_ROW_VECTOR:
+        rows, cols = loop_extent(sch, block, row), loop_extent(sch, block, col)
+        if cols <= MAX_ROW_VECTOR:
             # Several whole output rows per tile: the weights (larger than the outputs in the
             # downsampling layers) are read once per tile instead of once per row.
             pattern.rows = position(stmt, row)
