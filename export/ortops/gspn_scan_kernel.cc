@@ -39,7 +39,15 @@ bool ParseDirection(const char* name, size_t length, Direction* direction) {
 namespace {
 
 constexpr int64_t kTile = 8;           // the 8x8 register transposes
-constexpr int64_t kMinStripLines = 16;  // a whole 64-byte cache line of each float32 row read
+// Strips of tall planes, whose five blocks exceed the L1 even at one tile's width: 512 bytes of
+// each float32 row (8 cache lines, which the L2 stream prefetcher follows within the row), where
+// one cache line per row left the reads latency-bound: a 1024-wide plane's rows are 4 KiB apart,
+// so each row's line of a narrow strip falls in the same L1 set and in another page, and neither
+// the hardware prefetchers nor software prefetches (tried: 32 to 128 rows ahead, off) fed them.
+// 2-core EPYC, ms, 16-column strips -> 128: (2, 8, 1024, 1024) l2r 30.0 -> 24.1, fused 54.8 ->
+// 36.9; (1, 16, 256, 256) 0.81 -> 0.70. The blocks (2.6 MiB at H = 1024) then live in the L2 and
+// L3, which costs less than the latency did.
+constexpr int64_t kWideStripLines = 128;
 constexpr int64_t kGuard = 8;           // zero floats around each line of h (see ColumnLayout)
 constexpr int64_t kCacheLine = 16;      // floats
 constexpr int64_t kMaxShortLine = 64;   // longest line scanned in registers (ScanShortLines)
@@ -76,9 +84,11 @@ struct ColumnLayout {
 };
 
 // Strip width: the whole plane when its five blocks fit kStripCacheBytes (maps up to 28x28 and
-// tall narrow ones), else the widest strips of whole tiles (at least kMinStripLines columns)
-// that fit, evened out over the plane. The five blocks never take more than kMaxStripScratchBytes
-// unless a single column needs more (H > ~349000): for H > 21845 strips narrow below 16 columns.
+// tall narrow ones), else the widest strips of whole tiles that fit (at least 16 columns: a whole
+// cache line of each float32 row), or for planes too tall for even that kWideStripLines columns,
+// evened out over the plane. The five blocks never take more than kMaxStripScratchBytes
+// unless a single column needs more (H > ~349000): strips narrow below 128 columns for H > ~3200,
+// below 16 for H > ~26000.
 // `planes` planes scanned together (see BatchPlanes) lay their columns end to end in each line:
 // plane p at positions [p H, p H + H); its transposes write whole tiles from p H, hence the line
 // stride covers (planes - 1) H + RoundUp(H, 8).
@@ -91,7 +101,8 @@ ColumnLayout MakeColumnLayout(const ScanGeometry& g, int64_t planes) {
   const int64_t line_bytes = kColumnBlocks * line_stride * static_cast<int64_t>(sizeof(float));
   const int64_t extra_bytes = kColumnBlocks * block_extra * static_cast<int64_t>(sizeof(float));
   const int64_t fitting = (static_cast<int64_t>(kMaxStripScratchBytes) - extra_bytes) / line_bytes;
-  int64_t strip = std::max(kMinStripLines, kStripCacheBytes / line_bytes / kTile * kTile);
+  int64_t strip = kStripCacheBytes / line_bytes / kTile * kTile;
+  if (strip < 2 * kTile) strip = kWideStripLines;
   if (strip < g.width) {
     const int64_t strips = (g.width + strip - 1) / strip;
     strip = RoundUp((g.width + strips - 1) / strips, kTile);

@@ -261,12 +261,13 @@ void TestTallColumnsAndScratchBound() {
 // Column scans through each path of the kernel: lines (H) of 1 to 64 positions are scanned with
 // the previous line in registers, in one to eight vectors; longer lines through memory, with the
 // line stride padded where H is a multiple of 128. W from one column to several strips (strips
-// of about 16 columns once the plane's transposed lines exceed 32 KiB), with chunk restarts that
-// fall inside and at the edges of strips.
+// of 16 to 24 columns once the plane's transposed lines exceed 32 KiB, of about 128 columns for
+// planes taller than ~100: W = 300 is three), with chunk restarts that fall inside and at the
+// edges of strips.
 void TestColumnScanPaths() {
   const int64_t heights[] = {1, 2, 7, 8, 9, 15, 16, 17, 24, 31, 33, 40, 56, 63, 64,
                              65, 71, 128, 129, 256};
-  const int64_t widths[] = {1, 3, 8, 13, 16, 29, 47, 70};
+  const int64_t widths[] = {1, 3, 8, 13, 16, 29, 47, 70, 300};
   unsigned seed = 500;
   for (int64_t H : heights) {
     for (int64_t W : widths) {
