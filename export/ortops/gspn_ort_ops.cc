@@ -229,7 +229,7 @@ template <typename T, bool kFused>
 void RunTask(void* user_data, size_t task) {
   ScanJob& job = *static_cast<ScanJob*>(user_data);
   // b2t scans rows bottom to top: its tasks take the planes last to first too, so that the
-  // tasks a worker runs in turn stay one descending stream (see kRowsAhead in the kernel).
+  // tasks a worker runs in turn stay one descending stream (see DescendingPlanes in the kernel).
   if (job.geometry.direction == Direction::kBottomToTop) task = static_cast<size_t>(job.tasks) - 1 - task;
   const int64_t first = static_cast<int64_t>(task) * job.planes / job.tasks;
   const int64_t last = (static_cast<int64_t>(task) + 1) * job.planes / job.tasks;

@@ -10,7 +10,8 @@
 // MakeColumnLayout): the strip is transposed into zero-padded float32 lines in scratch with 8x8
 // register transposes (masked at the plane's edges), scanned line by line (lines of up to 64
 // positions with the previous line held in registers, longer ones with a vectorized line update
-// that reads it back), and transposed back; rows a little ahead are prefetched. Only the last line
+// that reads it back), and transposed back; rows a little ahead are prefetched (see
+// PrefetchBytes: until 2026-11-28 GCC had deleted every prefetch of this file). Only the last line
 // of a strip is carried to the next one. Scratch is the caller's (see ScratchFloats).
 #include "gspn_scan_kernel.h"
 
@@ -39,15 +40,14 @@ bool ParseDirection(const char* name, size_t length, Direction* direction) {
 namespace {
 
 constexpr int64_t kTile = 8;           // the 8x8 register transposes
-// Strips of tall planes, whose five blocks exceed the L1 even at one tile's width: 512 bytes of
-// each float32 row (8 cache lines, which the L2 stream prefetcher follows within the row), where
-// one cache line per row left the reads latency-bound: a 1024-wide plane's rows are 4 KiB apart,
-// so each row's line of a narrow strip falls in the same L1 set and in another page, and neither
-// the hardware prefetchers nor software prefetches (tried: 32 to 128 rows ahead, off) fed them.
-// 2-core EPYC, ms, 16-column strips -> 128: (2, 8, 1024, 1024) l2r 30.0 -> 24.1, fused 54.8 ->
-// 36.9; (1, 16, 256, 256) 0.81 -> 0.70. The blocks (2.6 MiB at H = 1024) then live in the L2 and
-// L3, which costs less than the latency did.
-constexpr int64_t kWideStripLines = 128;
+// Strips of tall planes, whose five blocks exceed the L1 even at two tiles' width: 256 bytes of
+// each float32 row (4 cache lines). A 1024-wide plane's rows are 4 KiB apart, so the one line per
+// row of a 16-column strip falls in the same L1 set for every row and in another page, and its
+// reads stayed latency-bound whatever was prefetched. 2-core EPYC, ms, 16 columns -> 64 (prefetches
+// on): (2, 8, 1024, 1024) l2r 32.1 -> 20.4, fused 49.0 -> 37.8; 32 columns 26.6-35.5, 128 the same
+// as 64; at 256x256 and 512x512 within noise of 16 columns. The blocks (1.3 MiB at H = 1024) live
+// in the L2 and L3.
+constexpr int64_t kWideStripLines = 64;
 constexpr int64_t kGuard = 8;           // zero floats around each line of h (see ColumnLayout)
 constexpr int64_t kCacheLine = 16;      // floats
 constexpr int64_t kMaxShortLine = 64;   // longest line scanned in registers (ScanShortLines)
@@ -58,6 +58,20 @@ constexpr int64_t kStripCacheBytes = int64_t{32} << 10;
 
 inline int64_t RoundUp(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
+}
+
+// Requests the cache lines of [begin, begin + bytes) into every cache level, for reading or
+// (kForWrite) for writing. The empty volatile asm is what keeps the prefetches: GCC counts
+// __builtin_prefetch as no side effect, so its IPA analysis found the helpers that only prefetch
+// `const` and deleted every call to them (GCC 12: not one prefetch instruction was left in this
+// file's object code until this was noticed; the prefetching described below had never run).
+template <bool kForWrite>
+inline void PrefetchBytes(const void* begin, int64_t bytes) {
+  constexpr int64_t kLine = 64;
+  const char* first = static_cast<const char*>(begin);
+  for (int64_t b = 0; b < bytes; b += kLine) __builtin_prefetch(first + b, kForWrite, 3);
+  __builtin_prefetch(first + bytes - 1, kForWrite, 3);
+  asm volatile("");
 }
 
 // Scratch of a column scan: five transposed blocks (lam x, gl, gm, gr, h) of `strip` lines, then
@@ -448,9 +462,10 @@ struct Region {
 // What a strip transpose fetches ahead: a strip reads (or writes) a little of each of many rows,
 // a pattern the hardware prefetchers do not follow, so rows kPrefetchRows ahead of the current
 // one (or a region ahead, when shorter) are requested early: of the same region, and past its
-// end of the next (the next strip of the plane or the first of the next plane). Not further:
-// rows W floats apart map to few cache sets when W is a power of two, and lines fetched too
-// early would be evicted unused (a whole strip ahead gained nothing at 1024x1024).
+// end of the next (the next strip of the plane or the first of the next plane). 2-core EPYC, ms,
+// without -> with: (1, 576, 56, 56) l2r 1.83 -> 1.24, (2, 8, 1024, 1024) 25.4 -> 18.5, fused
+// 1152x28x28 2.10 -> 1.77; planes that stay in the L2 or L3 pay a little for it (4608x7x7 0.176 ->
+// 0.195). 16 or 64 rows ahead: within noise of 32.
 constexpr int64_t kPrefetchRows = 32;
 
 struct Ahead {
@@ -462,16 +477,13 @@ template <bool kForWrite>
 inline void PrefetchRegionRows(const Region& region, int64_t first, int64_t count) {
   if (region.base == nullptr || first >= region.rows) return;
   count = std::min(count, region.rows - first);
-  constexpr int kLine = 64;
-  const auto fetch = [](const char* begin, int64_t bytes) {
-    for (int64_t b = 0; b < bytes; b += kLine) __builtin_prefetch(begin + b, kForWrite, 3);
-    __builtin_prefetch(begin + bytes - 1, kForWrite, 3);
-  };
   const char* begin = region.base + first * region.stride_bytes;
   if (region.row_bytes == region.stride_bytes) {  // contiguous rows
-    fetch(begin, count * region.row_bytes);
+    PrefetchBytes<kForWrite>(begin, count * region.row_bytes);
   } else {
-    for (int64_t r = 0; r < count; ++r) fetch(begin + r * region.stride_bytes, region.row_bytes);
+    for (int64_t r = 0; r < count; ++r) {
+      PrefetchBytes<kForWrite>(begin + r * region.stride_bytes, region.row_bytes);
+    }
   }
 }
 
@@ -749,23 +761,12 @@ void FromLines(const float* __restrict__ src, int64_t src_stride, int64_t lines,
 // ---- row scans -------------------------------------------------------------------------------
 
 // Rows scanned bottom to top (b2t) are descending streams, which the hardware prefetchers do not
-// follow across small planes: the planes of a worker run last to first (one descending stream,
-// see ScanPlanesOf), and each line prefetches its inputs' and its output's row kRowsAhead lines
-// further. 2-core EPYC, (1, 576, 56, 56) b2t: see the README's benchmark notes.
-constexpr int64_t kRowsAhead = 2;
-
-template <typename T, int kInputs>
-inline void PrefetchRowAhead(const Plane<T, kInputs>& plane, int64_t offset, int64_t width) {
-  constexpr int kLine = 64;
-  const int64_t bytes = width * static_cast<int64_t>(sizeof(T));
-  const auto fetch = [bytes](const void* row, auto for_write) {
-    const char* begin = static_cast<const char*>(row);
-    for (int64_t b = 0; b < bytes; b += kLine) __builtin_prefetch(begin + b, for_write(), 3);
-    __builtin_prefetch(begin + bytes - 1, for_write(), 3);
-  };
-  for (int k = 0; k < kInputs; ++k) fetch(plane.in[k] + offset, std::false_type{});
-  fetch(plane.out + offset, std::true_type{});
-}
+// follow across small planes: the planes of a worker run last to first, so that they form one
+// descending stream (ScanPlanesOf; the operator orders its tasks the same way). Software
+// prefetches of the rows two lines ahead were meant to help too, but never ran (see
+// PrefetchBytes); once emitted they made b2t slower: 2-core EPYC, (1, 576, 56, 56) 0.52 -> 0.77 ms,
+// (2, 8, 1024, 1024) 7.8 -> 8.7.
+bool DescendingPlanes(Direction direction) { return direction == Direction::kBottomToTop; }
 
 // Row scans of a float32 plane: every line is a contiguous row, the previous line is read back
 // from the output.
@@ -775,7 +776,6 @@ void RowScanFloat(const ScanGeometry& g, const Plane<float, kScanInputs>& plane)
   for (int64_t s = 0; s < H; ++s) {
     const int64_t i = reversed ? H - 1 - s : s;
     const int64_t offset = i * W;
-    if (reversed && i >= kRowsAhead) PrefetchRowAhead(plane, offset - kRowsAhead * W, W);
     float* out = plane.out + offset;
     if (StartsSegment(s, g.chunk)) {
       StartLine(plane.in[kData] + offset, plane.in[kLam] + offset, out, W);
@@ -825,7 +825,6 @@ void RowScanLines(const ScanGeometry& g, const Plane<T, kInputs>& plane, float* 
   for (int64_t s = 0; s < H; ++s) {
     const int64_t i = reversed ? H - 1 - s : s;
     const int64_t offset = i * W;
-    if (reversed && i >= kRowsAhead) PrefetchRowAhead(plane, offset - kRowsAhead * W, W);
     const float* x_line = Widened(plane.in[kData] + offset, x, W);
     const float* lam_line = Widened(plane.in[kLam] + offset, lam, W);
     if (StartsSegment(s, g.chunk)) {
@@ -1179,7 +1178,7 @@ void ScanPlanesOf(const ScanGeometry& g, int64_t first, int64_t count, const T* 
                   T* out, float* scratch) {
   using PlaneT = Plane<T, kInputs>;
   if (IsRowScan(g.direction)) {
-    const bool descending = g.direction == Direction::kBottomToTop;  // see kRowsAhead
+    const bool descending = DescendingPlanes(g.direction);
     constexpr bool kFloatFused = std::is_same_v<T, float> && PlaneT::kFused;
     const bool plane_path = kFloatFused && PlanePathRows(g);
     if (plane_path) RowEdgeMasks(g, scratch);

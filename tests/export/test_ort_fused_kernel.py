@@ -72,7 +72,7 @@ def test_fused_kernel_matches_the_reference():
         ScanCase(2, 6, 2, 11, 1, "t2b", 3),
         ScanCase(1, 4, 2, 70, 37, "l2r", 9),  # lines longer than 64: the through-memory path
         ScanCase(1, 2, 1, 40, 90, "r2l", 0),  # several strips of columns (32 wide)
-        ScanCase(1, 2, 1, 130, 300, "l2r", 7),  # a tall plane's wide strips (3 x ~100 columns)
+        ScanCase(1, 2, 1, 130, 300, "l2r", 7),  # a tall plane's wide strips (5 x ~60 columns)
         ScanCase(1, 2, 2, 33, 129, "b2t", 16),
         # rows of whole vectors normalized as one range (8, 24, 56), beside 16-blocks (48 = 3 x 16)
         ScanCase(1, 3, 3, 5, 8, "t2b", 2),

@@ -79,3 +79,32 @@ def test_kernel_baseline_with_sanitizers(tmp_path):
     result = build_and_run(tmp_path, sanitizer_flags(tmp_path))
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}{result.stderr[-4000:]}"
     assert "all kernel checks passed" in result.stdout
+
+
+def assembly_of(tmp_path: Path, flags: list[str]) -> str:
+    """The kernel source compiled to assembly the way export.build compiles the library."""
+    output = tmp_path / "kernel.s"
+    command = [compiler(), "-std=c++17", "-O3", *flags, "-fPIC", "-fvisibility=hidden", f"-I{SOURCE_DIR}",
+               "-S", str(KERNEL_SOURCE), "-o", str(output)]  # fmt: skip
+    compiled = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert compiled.returncode == 0, " ".join(command) + "\n" + compiled.stderr[-4000:]
+    return output.read_text()
+
+
+def function_body(assembly: str, name_part: str) -> str:
+    """The instructions of the first function whose symbol contains ``name_part``."""
+    lines = assembly.splitlines()
+    start = next(i for i, line in enumerate(lines) if name_part in line and line.endswith(":") and not line.startswith("."))
+    end = next(i for i in range(start, len(lines)) if lines[i].strip() == ".cfi_endproc")
+    return "\n".join(lines[start:end])
+
+
+def test_column_transposes_keep_their_prefetches(tmp_path):
+    """GCC counts ``__builtin_prefetch`` as no side effect: its IPA analysis found the helpers that
+    only prefetch ``const`` and deleted every call to them (no prefetch instruction was left in the
+    library until this was noticed). The strip transposes of the AVX2 path must still prefetch."""
+    assembly = assembly_of(tmp_path, ["-march=x86-64-v3"])
+    body = function_body(assembly, "TransposeToLines")
+    prefetches = body.count("prefetch")
+    print(f"TransposeToLines: {len(body.splitlines())} lines of assembly, {prefetches} prefetch instructions")
+    assert prefetches > 0

@@ -261,8 +261,8 @@ void TestTallColumnsAndScratchBound() {
 // Column scans through each path of the kernel: lines (H) of 1 to 64 positions are scanned with
 // the previous line in registers, in one to eight vectors; longer lines through memory, with the
 // line stride padded where H is a multiple of 128. W from one column to several strips (strips
-// of 16 to 24 columns once the plane's transposed lines exceed 32 KiB, of about 128 columns for
-// planes taller than ~100: W = 300 is three), with chunk restarts that fall inside and at the
+// of 16 to 24 columns once the plane's transposed lines exceed 32 KiB, of about 64 columns for
+// planes taller than ~100: W = 300 is five), with chunk restarts that fall inside and at the
 // edges of strips.
 void TestColumnScanPaths() {
   const int64_t heights[] = {1, 2, 7, 8, 9, 15, 16, 17, 24, 31, 33, 40, 56, 63, 64,
