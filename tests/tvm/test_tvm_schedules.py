@@ -107,19 +107,28 @@ def test_column_scans_are_parallel_over_tasks(direction):
 
 
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
-@pytest.mark.parametrize("fused", [False, True])
-def test_small_planes_prefetch_every_input_of_the_next_channel(direction, fused):
-    """Column forwards prefetch the next channel's inputs, one per 64-byte line, only where a plane
-    has at most ``PREFETCH_PLANE_ELEMENTS`` elements (a larger one would evict the working tiles)."""
-    schedule = cpu.schedule_fused_forward if fused else cpu.schedule_forward
-    func = schedule(direction, "float32")
-    script = func.script()
-    assert f"if H * W <= T.int64({compute.PREFETCH_PLANE_ELEMENTS})" in script, script[:3000]
-    prefetch = _Blocks(func)["prefetch_next_plane"].script()
-    inputs = 7 if fused else 5
-    assert prefetch.count("\"llvm.prefetch\"") == inputs, prefetch
-    # every prefetch reads the next channel (its weights: the next channel's group), none this one
-    assert prefetch.count("T.min(vc + T.int64(1), C - T.int64(1))") >= inputs, prefetch
+@pytest.mark.parametrize("pass_", ["forward", "backward"])
+def test_tile_copies_prefetch_the_rows_ahead(direction, pass_):
+    """Every copy of input blocks into a column tile prefetches, in every other block (one cache line
+    per row once), the same columns of the 8 rows ``TILE_ROWS_AHEAD`` further, clamped to the
+    tensor's last row; into the L2 only (locality 2) where rows are a multiple of ``L1_WAY_BYTES``
+    apart, else into every level (3). The copies back to memory prefetch nothing."""
+    func = SCHEDULES[pass_](direction, "float32")
+    blocks = _Blocks(func)
+    stage_in = [name for name in BLOCK_COPIES[pass_] if name.startswith(("stage_in", "stage_weights", "stage_predecessor"))]
+    assert stage_in, BLOCK_COPIES[pass_]
+    for name in stage_in:
+        script = blocks[name].script()
+        prefetches = re.findall(r'T\.call_llvm_intrin\("void", "llvm\.prefetch", T\.address_of\((.*)\), 0, (\d), 1\)', script)
+        assert len(prefetches) == 2 * compute.V, f"{name}: {len(prefetches)} prefetches\n{script}"
+        assert sorted({locality for _, locality in prefetches}) == ["2", "3"], name
+        for a in range(compute.V):
+            row = f"vib * T.int64(8) + T.int64({compute.TILE_ROWS_AHEAD})" + (f" + T.int64({a})" if a else "")
+            assert sum(f"T.min({row}, (B * " in address for address, _ in prefetches) == 2, f"{name}: row {a}"
+        assert f"* T.int64(4) % T.int64({compute.L1_WAY_BYTES}) == T.int64(0)" in script, script
+        assert f"% T.int64({2 * compute.V}) == T.int64(0)" in script, script
+    for name in set(BLOCK_COPIES[pass_]) - set(stage_in):
+        assert "llvm.prefetch" not in blocks[name].script(), name
 
 
 @pytest.mark.parametrize("direction", ["t2b", "l2r"])
